@@ -1,0 +1,469 @@
+/**
+ * The embedded Maildir transport: delivers a message into one maildir per recipient,
+ * `<root>/<mailbox>/{tmp,new,cur}`, as qmail's maildir spec (https://cr.yp.to/proto/maildir.html,
+ * "How a message is delivered") and Dovecot's deliver/LMTP do it:
+ *
+ * 1. write the message once into `tmp/` of the first usable recipient's maildir and fsync it;
+ * 2. hard-link it into `new/` of every recipient's maildir under its own unique name
+ *    (`<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>`, Dovecot's form; S= is the stored size),
+ *    copying through that maildir's `tmp/` when a link is not possible (EXDEV, EPERM, EMLINK);
+ * 3. fsync each `new/` directory, then report `delivered`;
+ * 4. unlink the `tmp/` file, on every path.
+ *
+ * Recipients whose addresses lead to the same folder (duplicates, or a custom mailbox()
+ * that maps several addresses to one folder) get one copy and share its result, as
+ * Postfix's local(8) drops duplicate deliveries.
+ *
+ * It deliberately does not: create `root` (a missing root is an unmounted or mistyped
+ * store, so it defers instead of writing mail elsewhere), enforce quotas (the file system's
+ * ENOSPC/EDQUOT are mapped to 452 4.3.1), write into `cur/` or add `:2,` flags, rewrite line
+ * endings (the file holds the message's own CRLF bytes), or run Sieve.
+ */
+import { constants as fsConstants } from 'node:fs';
+import { copyFile, link, mkdir, open, rename, unlink } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import type { Readable } from 'node:stream';
+import { channels } from '../diagnostics.js';
+import { DovetailError, ErrorCodes } from '../errors.js';
+import type { EnvelopeAddress } from '../milter/types.js';
+import { smtpReply } from '../milter/verdict.js';
+import type { SmtpReply } from '../milter/verdict.js';
+import type { DeliveryEnvelope, MessageSource, RecipientResult, Transport } from './types.js';
+
+/** Options of {@link maildir}. */
+export interface MaildirOptions {
+  /**
+   * Directory holding one maildir per recipient: `<root>/<mailbox>/{tmp,new,cur}`. It must
+   * exist; the per-recipient maildirs below it are created on demand (mode 0o700).
+   */
+  root: string;
+  /**
+   * Folder name for a recipient; default: the lower-cased address (ASCII letters), with
+   * every byte outside `[a-z0-9._+=@-]` percent-encoded (`%XX`), and a leading `.` encoded
+   * too, so distinct addresses never share a folder and no name escapes root. A returned
+   * name that is `''`, `.`, `..`, longer than 255 bytes, or holds `/` or NUL fails that
+   * recipient with `550 5.1.3`; a callback that throws defers it (`451 4.3.0`).
+   */
+  mailbox?: (recipient: EnvelopeAddress) => string;
+  /** Prepend `Return-Path: <sender>` (as local delivery agents do). Default true. */
+  returnPath?: boolean;
+  /** fsync the file and the new/ directory before reporting delivered. Default true (tests may keep it on). */
+  fsync?: boolean;
+  /** Host name used in unique file names. Default os.hostname(). */
+  hostname?: string;
+}
+
+const DELIVERY_ERROR = smtpReply(451, '4.3.0', 'Local delivery error');
+const NO_STORAGE = smtpReply(452, '4.3.1', 'Insufficient system storage');
+const BAD_MAILBOX = smtpReply(550, '5.1.3', 'Bad destination mailbox address syntax');
+
+/** Longest single path component on the file systems we run on (NAME_MAX). */
+const NAME_MAX = 255;
+/** Attempts at a fresh unique name when one is taken (the spec's "try again"). */
+const NAME_ATTEMPTS = 3;
+/** Longest escaped host part of unique names. */
+const MAX_HOST = 128;
+
+/** Per-process delivery counter: the `Q` part of unique names. */
+let deliveries = 0;
+
+/** A failure of the message source itself (not of the mailstore): defers every recipient. */
+class SourceError extends Error {
+  constructor(cause: unknown) {
+    super('the message stream failed', { cause });
+    this.name = 'SourceError';
+  }
+}
+
+/** One distinct destination folder and the envelope positions that lead to it. */
+interface Box {
+  readonly dir: string;
+  readonly indexes: number[];
+  outcome?: { readonly filename: string } | { readonly error: unknown };
+}
+
+/** The written tmp/ file. */
+interface Stored {
+  readonly path: string;
+  readonly size: number;
+}
+
+/**
+ * Creates a Maildir delivery transport. Each call of `deliver()` writes the message once
+ * and hard-links it into `new/` of every recipient's maildir; it answers `delivered`
+ * (`250 2.0.0 Ok: stored as <file>`) only after the file and the `new/` directory are
+ * fsynced. Per recipient: an unusable mailbox name is `failed` (`550 5.1.3`), a full disk
+ * or quota (ENOSPC, EDQUOT) `deferred` (`452 4.3.1`), any other I/O error `deferred`
+ * (`451 4.3.0`, the error itself goes to the `dovetail:gateway:error` diagnostics channel
+ * as `{ queueId, recipient, error }`). A failing message stream, or one that yields a
+ * different number of bytes than `message.size`, defers every recipient.
+ *
+ * @throws DovetailError `DOVETAIL_ERR_INVALID_OPTIONS` when the options are malformed.
+ */
+export function maildir(options: MaildirOptions): Transport {
+  if (typeof options !== 'object' || options === null) {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'maildir() needs an options object');
+  }
+  if (typeof options.root !== 'string' || options.root === '' || options.root.includes('\0')) {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'maildir(): root must be a non-empty path');
+  }
+  if (options.mailbox !== undefined && typeof options.mailbox !== 'function') {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'maildir(): mailbox must be a function');
+  }
+  if (options.hostname !== undefined && (typeof options.hostname !== 'string' || options.hostname === '')) {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'maildir(): hostname must be a non-empty string');
+  }
+  const root = path.resolve(options.root);
+  const mailboxOf = options.mailbox ?? defaultMailbox;
+  const returnPath = options.returnPath ?? true;
+  const sync = options.fsync ?? true;
+  const host = escapeHost(options.hostname ?? os.hostname());
+  if (host.length > MAX_HOST) {
+    // Keeps every unique name well under NAME_MAX and every reply line under its limit.
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `maildir(): hostname is longer than ${MAX_HOST} bytes once escaped`);
+  }
+
+  /** Maildirs known to exist, by path; a pending entry is a creation in flight. */
+  const known = new Map<string, Promise<void>>();
+
+  function ensure(dir: string): Promise<void> {
+    let p = known.get(dir);
+    if (!p) {
+      p = createMaildir(dir);
+      known.set(dir, p);
+      // A failed creation is not cached: the next delivery tries again.
+      p.catch(() => {
+        if (known.get(dir) === p) known.delete(dir);
+      });
+    }
+    return p;
+  }
+
+  /** Runs `op`; when it fails with ENOENT (the maildir was removed), recreates the maildir and runs it once more. */
+  async function recovering<T>(dir: string, op: () => Promise<T>): Promise<T> {
+    try {
+      return await op();
+    } catch (err) {
+      if (errno(err) !== 'ENOENT') throw err;
+      known.delete(dir);
+      await ensure(dir);
+      return await op();
+    }
+  }
+
+  async function deliver(envelope: DeliveryEnvelope, message: MessageSource): Promise<RecipientResult[]> {
+    const recipients = envelope.recipients;
+    const results: (RecipientResult | undefined)[] = new Array<RecipientResult | undefined>(recipients.length);
+    const report = (i: number, error: unknown): void => {
+      const recipient = recipients[i]?.address ?? '';
+      channels.error.publish({ queueId: envelope.queueId, recipient, error });
+      results[i] = { recipient, status: 'deferred', reply: replyFor(error) };
+    };
+
+    // 1. Folder per recipient; one Box per distinct folder, in order of first appearance.
+    const boxes = new Map<string, Box>();
+    recipients.forEach((rcpt, i) => {
+      let name: unknown;
+      try {
+        name = mailboxOf(rcpt);
+      } catch (err) {
+        report(i, err);
+        return;
+      }
+      if (typeof name !== 'string') {
+        report(i, new DovetailError(ErrorCodes.INVALID_OPTIONS, 'maildir(): mailbox() did not return a string'));
+        return;
+      }
+      if (!usableName(name)) {
+        results[i] = { recipient: rcpt.address, status: 'failed', reply: BAD_MAILBOX };
+        return;
+      }
+      const dir = path.join(root, name);
+      const box = boxes.get(dir);
+      if (box) box.indexes.push(i);
+      else boxes.set(dir, { dir, indexes: [i] });
+    });
+    const all = [...boxes.values()];
+
+    // 2. Every maildir exists.
+    await Promise.all(
+      all.map(async (box) => {
+        try {
+          await ensure(box.dir);
+        } catch (error) {
+          box.outcome = { error };
+        }
+      }),
+    );
+
+    // 3. Write the message once, into tmp/ of the first maildir that takes it.
+    let stored: Stored | undefined;
+    for (const box of all) {
+      if (box.outcome) continue;
+      try {
+        stored = await recovering(box.dir, () => writeTmp(box.dir, envelope, message));
+        break;
+      } catch (error) {
+        if (error instanceof SourceError) {
+          for (const b of all) if (!b.outcome) b.outcome = { error };
+          break;
+        }
+        // This maildir cannot take the file (its disk is full, its tmp/ is unwritable …):
+        // its recipients are deferred, the next maildir may still take it.
+        box.outcome = { error };
+      }
+    }
+
+    // 4. Link it into new/ of every maildir, fsync each new/, then drop the tmp/ file.
+    if (stored) {
+      const file = stored;
+      try {
+        await Promise.all(
+          all.map(async (box) => {
+            if (box.outcome) return;
+            try {
+              box.outcome = { filename: await recovering(box.dir, () => place(box.dir, file)) };
+            } catch (error) {
+              box.outcome = { error };
+            }
+          }),
+        );
+      } finally {
+        await unlink(file.path).catch(() => {});
+      }
+    }
+
+    for (const box of all) {
+      const outcome = box.outcome ?? { error: new DovetailError(ErrorCodes.DELIVERY_FAILED, 'maildir: not delivered') };
+      for (const i of box.indexes) {
+        if ('filename' in outcome) {
+          results[i] = {
+            recipient: recipients[i]?.address ?? '',
+            status: 'delivered',
+            reply: smtpReply(250, '2.0.0', `Ok: stored as ${outcome.filename}`),
+          };
+        } else {
+          report(i, outcome.error);
+        }
+      }
+    }
+    return Array.from(recipients, (rcpt, i) => results[i] ?? { recipient: rcpt.address, status: 'deferred', reply: DELIVERY_ERROR });
+  }
+
+  /** Streams the message (after the Return-Path line) into a new file in `<dir>/tmp/`, fsynced and closed. */
+  async function writeTmp(dir: string, envelope: DeliveryEnvelope, message: MessageSource): Promise<Stored> {
+    const file = path.join(dir, 'tmp', uniqueName(host));
+    const fh = await open(file, 'wx', 0o600);
+    let size = 0;
+    try {
+      if (returnPath) {
+        const line = Buffer.from(`Return-Path: <${headerSafe(envelope.sender.address)}>\r\n`, 'utf8');
+        await writeAll(fh, line);
+        size += line.length;
+      }
+      let body = 0;
+      for await (const chunk of source(message)) {
+        await writeAll(fh, chunk);
+        body += chunk.length;
+      }
+      if (body !== message.size) {
+        throw new SourceError(
+          new DovetailError(ErrorCodes.DELIVERY_FAILED, `the message stream gave ${body} bytes, not the announced ${message.size}`),
+        );
+      }
+      size += body;
+      if (sync) await fh.sync();
+    } catch (err) {
+      await fh.close().catch(() => {});
+      await unlink(file).catch(() => {});
+      throw err;
+    }
+    try {
+      await fh.close();
+    } catch (err) {
+      await unlink(file).catch(() => {});
+      throw err;
+    }
+    return { path: file, size };
+  }
+
+  /** Puts the stored file into `<dir>/new/` under a fresh unique name and makes that durable; returns the name. */
+  async function place(dir: string, stored: Stored): Promise<string> {
+    for (let attempt = 1; ; attempt++) {
+      const name = uniqueName(host, stored.size);
+      const target = path.join(dir, 'new', name);
+      try {
+        await link(stored.path, target);
+      } catch (err) {
+        const code = errno(err);
+        if (code === 'EEXIST' && attempt < NAME_ATTEMPTS) continue;
+        if (code !== 'EXDEV' && code !== 'EPERM' && code !== 'EMLINK') throw err;
+        await copyInto(dir, stored.path, name);
+      }
+      if (sync) {
+        try {
+          await syncDir(path.join(dir, 'new'));
+        } catch (err) {
+          // Not durable, so not delivered: take it back so a retry does not make a duplicate.
+          await unlink(target).catch(() => {});
+          throw err;
+        }
+      }
+      return name;
+    }
+  }
+
+  /** The link fallback: copies into `<dir>/tmp/<name>`, fsyncs, and renames it into `<dir>/new/<name>`. */
+  async function copyInto(dir: string, from: string, name: string): Promise<void> {
+    const tmp = path.join(dir, 'tmp', name);
+    try {
+      await copyFile(from, tmp, fsConstants.COPYFILE_EXCL);
+      if (sync) {
+        const fh = await open(tmp, 'r');
+        try {
+          await fh.sync();
+        } finally {
+          await fh.close();
+        }
+      }
+      await rename(tmp, path.join(dir, 'new', name));
+    } catch (err) {
+      await unlink(tmp).catch(() => {});
+      throw err;
+    }
+  }
+
+  return Object.freeze({ name: 'maildir', deliver });
+}
+
+/**
+ * The default folder name: the address with ASCII letters lower-cased, every byte outside
+ * `[a-z0-9._+=@-]` (of its UTF-8 form) written as `%XX`, and a leading `.` as `%2E`.
+ * Injective on lower-cased addresses, and never `''` for a non-empty address, `.`, `..`,
+ * or a name with `/` or NUL.
+ */
+export function defaultMailbox(recipient: EnvelopeAddress): string {
+  const bytes = Buffer.from(recipient.address.replace(/[A-Z]/g, (c) => c.toLowerCase()), 'utf8');
+  let out = '';
+  for (let i = 0; i < bytes.length; i++) {
+    const b = bytes[i] ?? 0;
+    const plain =
+      (b >= 0x61 && b <= 0x7a) || // a-z
+      (b >= 0x30 && b <= 0x39) || // 0-9
+      b === 0x2b || // +
+      b === 0x2d || // -
+      b === 0x3d || // =
+      b === 0x40 || // @
+      b === 0x5f || // _
+      (b === 0x2e && i > 0); // . (not leading)
+    out += plain ? String.fromCharCode(b) : '%' + b.toString(16).toUpperCase().padStart(2, '0');
+  }
+  return out;
+}
+
+function usableName(name: string): boolean {
+  return (
+    name !== '' &&
+    name !== '.' &&
+    name !== '..' &&
+    !name.includes('/') &&
+    !name.includes('\0') &&
+    Buffer.byteLength(name) <= NAME_MAX
+  );
+}
+
+/** `<sec>.M<usec>P<pid>Q<n>.<host>`, plus `,S=<size>` when the size is known. */
+function uniqueName(host: string, size?: number): string {
+  const now = performance.timeOrigin + performance.now(); // milliseconds, sub-millisecond precision
+  const sec = Math.floor(now / 1000);
+  const usec = Math.min(999_999, Math.max(0, Math.floor((now - sec * 1000) * 1000)));
+  deliveries += 1;
+  const base = `${sec}.M${usec}P${process.pid}Q${deliveries}.${host}`;
+  return size === undefined ? base : `${base},S=${size}`;
+}
+
+/**
+ * The host part of unique names: `/` becomes `\057` and `:` `\072` (as the spec says);
+ * control characters, `,`, `\` and non-ASCII are escaped the same way, so the name stays one
+ * printable path component that Dovecot's `,S=` parsing and an SMTP reply line both accept.
+ */
+function escapeHost(hostname: string): string {
+  let out = '';
+  for (const b of Buffer.from(hostname, 'utf8')) {
+    const escape = b < 0x21 || b > 0x7e || b === 0x2f || b === 0x3a || b === 0x2c || b === 0x5c;
+    out += escape ? '\\' + b.toString(8).padStart(3, '0') : String.fromCharCode(b);
+  }
+  return out;
+}
+
+/** The sender as it may stand in a header: no control characters (no header injection through CR/LF). */
+function headerSafe(address: string): string {
+  // eslint-disable-next-line no-control-regex
+  return address.replace(/[\x00-\x1f\x7f]/g, '');
+}
+
+/** The message's chunks as Buffers; any failure of the source becomes a SourceError. */
+async function* source(message: MessageSource): AsyncGenerator<Buffer> {
+  let stream: Readable;
+  try {
+    stream = message.stream();
+  } catch (err) {
+    throw new SourceError(err);
+  }
+  try {
+    for await (const chunk of stream as AsyncIterable<unknown>) {
+      if (typeof chunk === 'string') yield Buffer.from(chunk, 'utf8');
+      else if (chunk instanceof Uint8Array) yield Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+      else throw new TypeError('the message stream yielded something that is not bytes');
+    }
+  } catch (err) {
+    throw new SourceError(err);
+  } finally {
+    stream.destroy();
+  }
+}
+
+async function writeAll(fh: FileHandle, buf: Buffer): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesWritten } = await fh.write(buf, off, buf.length - off);
+    off += bytesWritten;
+  }
+}
+
+async function createMaildir(dir: string): Promise<void> {
+  // Not recursive: root must exist (see the header).
+  await mkdirOnce(dir);
+  await Promise.all(['tmp', 'new', 'cur'].map((sub) => mkdirOnce(path.join(dir, sub))));
+}
+
+async function mkdirOnce(dir: string): Promise<void> {
+  try {
+    await mkdir(dir, { mode: 0o700 });
+  } catch (err) {
+    if (errno(err) !== 'EEXIST') throw err;
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+function errno(err: unknown): string | undefined {
+  if (typeof err !== 'object' || err === null) return undefined;
+  const code = (err as { code?: unknown }).code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+function replyFor(err: unknown): SmtpReply {
+  const code = err instanceof SourceError ? undefined : errno(err);
+  return code === 'ENOSPC' || code === 'EDQUOT' ? NO_STORAGE : DELIVERY_ERROR;
+}

@@ -1,0 +1,53 @@
+/**
+ * The error registry: every error dovetail raises or reports carries one of these stable
+ * codes. The codes are listed, with what they mean and what the client sees, in
+ * docs/errors.md. A client never sees the message of an internal failure: the gateway
+ * answers those with a generic `451 4.3.0` and reports the error on a diagnostics channel.
+ */
+
+export const ErrorCodes = {
+  /** A milter handler did not settle within its command or content timeout. */
+  MILTER_TIMEOUT: 'DOVETAIL_ERR_MILTER_TIMEOUT',
+  /** A milter handler threw or returned a rejected promise. */
+  MILTER_FAILED: 'DOVETAIL_ERR_MILTER_FAILED',
+  /** A milter returned something that is not a verdict allowed at that stage. */
+  INVALID_VERDICT: 'DOVETAIL_ERR_INVALID_VERDICT',
+  /** An SMTP reply given to reject()/tempfail() breaks the reply rules. */
+  INVALID_REPLY: 'DOVETAIL_ERR_INVALID_REPLY',
+  /** An end-of-message edit is malformed (bad header name, index, address). */
+  INVALID_EDIT: 'DOVETAIL_ERR_INVALID_EDIT',
+  /** A milter object given to defineMilter() or the gateway is malformed. */
+  INVALID_MILTER: 'DOVETAIL_ERR_INVALID_MILTER',
+  /** Gateway or transport options are malformed. */
+  INVALID_OPTIONS: 'DOVETAIL_ERR_INVALID_OPTIONS',
+  /** The message data has a bare CR or LF and the gateway refuses those. */
+  BARE_LINE_ENDING: 'DOVETAIL_ERR_BARE_LINE_ENDING',
+  /** The message's header block is larger than the gateway keeps in memory. */
+  HEADER_TOO_LARGE: 'DOVETAIL_ERR_HEADER_TOO_LARGE',
+  /** The message is larger than the gateway's size limit. */
+  MESSAGE_TOO_LARGE: 'DOVETAIL_ERR_MESSAGE_TOO_LARGE',
+  /** Writing to or reading from the spool failed. */
+  SPOOL_FAILED: 'DOVETAIL_ERR_SPOOL',
+  /** A transport failed as a whole (not a per-recipient refusal). */
+  DELIVERY_FAILED: 'DOVETAIL_ERR_DELIVERY',
+  /** The gateway is closing and takes no new work. */
+  CLOSING: 'DOVETAIL_ERR_CLOSING',
+} as const;
+
+export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
+
+/** An error with a stable `code` from {@link ErrorCodes}. */
+export class DovetailError extends Error {
+  readonly code: ErrorCode;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'DovetailError';
+    this.code = code;
+  }
+}
+
+/** True when `err` is a {@link DovetailError}, optionally with the given code. */
+export function isDovetailError(err: unknown, code?: ErrorCode): err is DovetailError {
+  return err instanceof DovetailError && (code === undefined || err.code === code);
+}

@@ -1,0 +1,75 @@
+/**
+ * dovetail: build mail gateways the way Postfix and Dovecot are built.
+ *
+ * The public entry point. See docs/architecture.md for how the parts fit and
+ * docs/writing-a-milter.md for the Milter interface.
+ */
+export { createGateway, summarize } from './smtp/gateway.js';
+export type { Gateway, GatewayOptions, ListenOptions, AuthRequest } from './smtp/gateway.js';
+
+export { defineMilter, validateMilter } from './milter/define.js';
+export type {
+  Milter,
+  MilterTimeouts,
+  DefaultAction,
+  SessionContext,
+  MessageContext,
+  ContentContext,
+  EomContext,
+  MessageEditor,
+  EnvelopeEditor,
+  Envelope,
+  EnvelopeAddress,
+  HeaderField,
+  ClientInfo,
+  ServerInfo,
+  TlsInfo,
+  AuthInfo,
+  AddressFamily,
+  Score,
+  ScoreEntry,
+} from './milter/types.js';
+
+export {
+  accept,
+  continue_,
+  discard,
+  quarantine,
+  reject,
+  skip,
+  tempfail,
+  smtpReply,
+  formatReply,
+  DEFAULT_REJECT_REPLY,
+  DEFAULT_TEMPFAIL_REPLY,
+} from './milter/verdict.js';
+export type {
+  Verdict,
+  SessionVerdict,
+  MessageVerdict,
+  BodyVerdict,
+  EomVerdict,
+  SmtpReply,
+  Continue,
+  Accept,
+  Reject,
+  Tempfail,
+  Discard,
+  Quarantine,
+  Skip,
+} from './milter/verdict.js';
+
+export { STAGES } from './milter/stages.js';
+export type { Stage } from './milter/stages.js';
+export { MilterChain, DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONTENT_TIMEOUT, BODY_CHUNK_SIZE } from './milter/chain.js';
+export type { StageOutcome, SessionFacts, ChainOptions } from './milter/chain.js';
+export type { MessageEdit } from './milter/message.js';
+
+export { maildir, defaultMailbox } from './delivery/maildir.js';
+export type { MaildirOptions } from './delivery/maildir.js';
+export type { Transport, DeliveryEnvelope, MessageSource, RecipientResult, DeliveryStatus } from './delivery/types.js';
+
+export { DovetailError, ErrorCodes, isDovetailError } from './errors.js';
+export type { ErrorCode } from './errors.js';
+export { Channels } from './diagnostics.js';
+export type { SpoolOptions } from './smtp/spool.js';

@@ -1,0 +1,553 @@
+/**
+ * The SMTP gateway: smtp-server for the protocol, the milter chain at every stage, a
+ * bounded spool for DATA, and a transport for delivery. It is a before-queue filter: the
+ * client's DATA is answered only after the transport has answered.
+ *
+ * How each milter stage is reached on smtp-server (which has callbacks for connect, MAIL,
+ * RCPT and DATA only):
+ * - connect: smtp-server's onConnect, before the greeting; a reject/tempfail is the
+ *   greeting (554 / 421) and the connection closes.
+ * - helo: smtp-server answers HELO/EHLO itself and has no callback for it, so the helo
+ *   stage runs when the next MAIL FROM arrives (once per HELO name) and its verdict is the
+ *   reply to that MAIL FROM and to every MAIL FROM until the client says HELO again. That
+ *   is where Postfix gives a HELO reject by default (smtpd_delay_reject = yes).
+ * - data: smtp-server sends 354 before calling onData, so the data stage's verdict is the
+ *   reply at the end of DATA.
+ * - abort: when a new MAIL FROM, the end of the session, or a refusal ends a message.
+ * - unknown: smtp-server answers unknown commands with 500 itself; the stage is reached
+ *   through serveMilter only.
+ *
+ * What it does not do: queue. A mixed delivery result (some recipients stored, some not)
+ * is answered with the worst reply so the client retries (duplicates, never loss) until
+ * the durable deferred queue lands.
+ */
+import os from 'node:os';
+import net from 'node:net';
+import type tls from 'node:tls';
+import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
+import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
+import { DovetailError, ErrorCodes } from '../errors.js';
+import { channels } from '../diagnostics.js';
+import { ChainSession, MilterChain, type MessageRun, type SessionFacts, type StageOutcome } from '../milter/chain.js';
+import { formatHeader, MessageState, spoolBody, type StoredHeader } from '../milter/message.js';
+import { smtpReply, type SmtpReply } from '../milter/verdict.js';
+import type { AddressFamily, EnvelopeAddress, Milter, MilterTimeouts, TlsInfo } from '../milter/types.js';
+import type { RecipientResult, Transport } from '../delivery/types.js';
+import { maildir } from '../delivery/maildir.js';
+import { ingest, type IngestProblem } from './ingest.js';
+import type { SpoolOptions } from './spool.js';
+import { newQueueId, receivedValue } from './received.js';
+
+/** One listening socket. */
+export interface ListenOptions {
+  /** Default 127.0.0.1. */
+  readonly host?: string;
+  /** 0 picks a free port (see {@link Gateway.addresses}). */
+  readonly port: number;
+}
+
+/** Credentials from SMTP AUTH (PLAIN or LOGIN), offered only after STARTTLS unless allowed. */
+export interface AuthRequest {
+  readonly method: string;
+  readonly username: string;
+  readonly password: string;
+  readonly client: { readonly address: string; readonly tls: boolean };
+}
+
+export interface GatewayOptions {
+  /** Our host name: the greeting, the Received header, macro `j`. Default os.hostname(). */
+  readonly hostname?: string;
+  /** Where to listen. Default 127.0.0.1:2525. */
+  readonly listen?: ListenOptions | readonly ListenOptions[];
+  /** The milter chain, in order. */
+  readonly milters?: readonly Milter[];
+  /** Where accepted messages go. */
+  readonly delivery: Transport;
+  /** Where quarantined messages go. Default: maildir({ root: 'var/quarantine' }). */
+  readonly quarantine?: Transport;
+  /** Key and certificate (PEM) to offer STARTTLS. Without them STARTTLS is not offered. */
+  readonly tls?: { readonly key: string | Buffer; readonly cert: string | Buffer };
+  /** SMTP AUTH: return true to accept the credentials. Without it AUTH is not offered. */
+  readonly authenticate?: (request: AuthRequest) => Promise<boolean>;
+  /** Offer AUTH on plain-text connections too. Default false. */
+  readonly allowInsecureAuth?: boolean;
+  /** The SIZE limit in bytes, advertised in EHLO and enforced while DATA streams. Default 50 MiB. */
+  readonly maxMessageBytes?: number;
+  /** The largest header block kept in memory. Default 1 MiB. */
+  readonly maxHeaderBytes?: number;
+  /** Recipients per message (Postfix: smtpd_recipient_limit). Default 1000. */
+  readonly maxRecipients?: number;
+  /** Concurrent connections per listener. Default 1000. */
+  readonly maxClients?: number;
+  /** Bare CR or LF in DATA: refuse the message (default) or rewrite to CRLF. */
+  readonly bareLineEndings?: 'reject' | 'normalize';
+  /** RAM threshold and directory of the DATA spool. */
+  readonly spool?: SpoolOptions;
+  /** Look up the client's host name in DNS (PTR). Default true. */
+  readonly resolveClientNames?: boolean;
+  /** Timeouts for milters that set none (Postfix: milter_command_timeout / milter_content_timeout). */
+  readonly milterTimeouts?: MilterTimeouts;
+  /** Idle time before a client is disconnected, ms. Default 300 000 (Postfix smtpd_timeout). */
+  readonly socketTimeout?: number;
+  /** How long close() lets transactions in flight finish before cutting them off, ms. Default 30 000. */
+  readonly closeTimeout?: number;
+  /** Text after `ESMTP` in the greeting. */
+  readonly banner?: string;
+}
+
+/** A running gateway. */
+export interface Gateway {
+  /** Starts listening; resolves with the bound addresses. */
+  listen(): Promise<readonly { host: string; port: number }[]>;
+  /** Stops accepting, lets transactions in flight finish, says 421 to idle clients, then resolves. */
+  close(): Promise<void>;
+  /** The bound addresses (after listen()). */
+  readonly addresses: readonly { host: string; port: number }[];
+}
+
+const REPLY_TOKEN = '\u0001dovetail-reply:';
+
+/** An error carrying an exact SMTP reply to smtp-server through its callbacks. */
+class ReplyError extends Error {
+  readonly responseCode: number;
+  constructor(readonly reply: SmtpReply) {
+    super(REPLY_TOKEN);
+    this.responseCode = reply.code;
+  }
+}
+
+/**
+ * smtp-server formats callback errors itself: one line, and an enhanced status code derived
+ * from the reply code, not the one the milter gave. This connection subclass sends our
+ * replies as they are (every line, the milter's enhanced code) and leaves all others alone.
+ */
+class GatewayConnection extends SMTPConnection {
+  pending: SmtpReply | undefined;
+  override send(code: number, data?: string | string[] | null, context?: string | false): void {
+    const reply = this.pending;
+    if (reply && data === REPLY_TOKEN && code === reply.code) {
+      this.pending = undefined;
+      super.send(code, reply.lines.map((l) => `${reply.enhanced}${l ? ' ' + l : ''}`), false);
+      return;
+    }
+    super.send(code, data, context);
+  }
+}
+
+const REPLIES = {
+  tooLarge: smtpReply(552, '5.3.4', 'Error: message file too big'),
+  headerTooLarge: smtpReply(552, '5.3.4', 'Error: message header too big'),
+  bareLineEnding: smtpReply(550, '5.5.2', 'Error: bare <CR> or <LF> in message data (RFC 5321 2.3.8)'),
+  noRecipients: smtpReply(554, '5.5.1', 'Error: no valid recipients'),
+  internal: smtpReply(451, '4.3.0', 'Error: internal error, try again later'),
+  closing: smtpReply(421, '4.3.2', 'Service shutting down, try again later'),
+} as const;
+
+interface GatewaySession {
+  readonly facts: SessionFacts;
+  readonly chain: ChainSession;
+  /** The HELO name the helo stage last ran for, and its refusal if any. */
+  heloRanFor: string | undefined;
+  heloRefusal: SmtpReply | undefined;
+}
+
+function family(address: string): AddressFamily {
+  if (net.isIPv4(address)) return 'ipv4';
+  if (net.isIPv6(address)) return 'ipv6';
+  return 'unknown';
+}
+
+function toEnvelopeAddress(a: SMTPServerAddress): EnvelopeAddress {
+  const args: Record<string, string | true> = {};
+  if (a.args) for (const [k, v] of Object.entries(a.args)) args[k.toUpperCase()] = v === true ? true : String(v);
+  return { address: a.address, args };
+}
+
+function cipherBits(name: string): number {
+  if (/CHACHA20|AES_?256|AES256/i.test(name)) return 256;
+  if (/AES_?128|AES128/i.test(name)) return 128;
+  return 0;
+}
+
+function domainOf(address: string): string {
+  const at = address.lastIndexOf('@');
+  return at < 0 ? '' : address.slice(at + 1);
+}
+
+/**
+ * The one SMTP reply for a message's per-recipient results: all delivered → 250; otherwise
+ * the reply of the first temporary failure if there is one (the client retries; recipients
+ * already stored may get a duplicate, none is lost), else the first permanent failure.
+ */
+export function summarize(results: readonly RecipientResult[], queueId: string): { ok: boolean; reply: SmtpReply } {
+  const deferred = results.find((r) => r.status === 'deferred');
+  const failed = results.find((r) => r.status === 'failed');
+  if (!deferred && !failed) return { ok: true, reply: smtpReply(250, '2.0.0', `Ok: queued as ${queueId}`) };
+  return { ok: false, reply: (deferred ?? failed)?.reply ?? REPLIES.internal };
+}
+
+/** Creates a gateway (call listen() to start it). */
+export function createGateway(options: GatewayOptions): Gateway {
+  if (!options || typeof options.delivery?.deliver !== 'function') {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'createGateway needs a delivery transport');
+  }
+  const hostname = options.hostname ?? os.hostname();
+  const listenSpecs = options.listen === undefined ? [{ port: 2525 }] : Array.isArray(options.listen) ? options.listen : [options.listen as ListenOptions];
+  const chain = new MilterChain(options.milters ?? [], {
+    ...(options.milterTimeouts ? { timeouts: options.milterTimeouts } : {}),
+    ...(options.spool ? { spool: options.spool } : {}),
+  });
+  const maxMessageBytes = options.maxMessageBytes ?? 50 * 1024 * 1024;
+  const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
+  const quarantineTransport = options.quarantine ?? maildir({ root: 'var/quarantine' });
+  const sessions = new WeakMap<SMTPServerSession, GatewaySession>();
+  const connections = new WeakMap<SMTPServerSession, GatewayConnection>();
+  let inflight = 0;
+  let closing = false;
+  let drained: (() => void) | undefined;
+  let addresses: { host: string; port: number }[] = [];
+
+  const fail = (conn: GatewayConnection | undefined, reply: SmtpReply): ReplyError => {
+    if (conn) conn.pending = reply;
+    return new ReplyError(reply);
+  };
+
+  const refusal = (out: StageOutcome): SmtpReply | undefined => (out.type === 'reject' || out.type === 'tempfail' ? out.reply : undefined);
+
+  function tlsInfo(socket: tls.TLSSocket): TlsInfo | undefined {
+    const c = socket.getCipher?.();
+    if (!c) return undefined;
+    return { version: socket.getProtocol() ?? c.version, cipher: c.standardName || c.name, bits: cipherBits(c.standardName || c.name) };
+  }
+
+  async function onConnect(session: SMTPServerSession): Promise<void> {
+    const address = session.remoteAddress;
+    const facts: SessionFacts = {
+      sessionId: session.id,
+      client: { address, port: session.remotePort, hostname: session.clientHostname || `[${address}]`, family: family(address) },
+      server: { hostname, address: session.localAddress, port: session.localPort },
+      helo: undefined,
+      tls: undefined,
+      auth: undefined,
+      macros: {
+        j: hostname,
+        '{daemon_name}': 'dovetail',
+        '{daemon_addr}': session.localAddress,
+        '{daemon_port}': String(session.localPort),
+        v: 'dovetail',
+        _: `${session.clientHostname || 'unknown'} [${address}]`,
+        '{client_addr}': address,
+        '{client_port}': String(session.remotePort),
+        '{client_name}': session.clientHostname?.startsWith('[') ? 'unknown' : session.clientHostname,
+        '{client_ptr}': session.clientHostname?.startsWith('[') ? 'unknown' : session.clientHostname,
+      },
+    };
+    const gs: GatewaySession = { facts, chain: chain.session(facts), heloRanFor: undefined, heloRefusal: undefined };
+    sessions.set(session, gs);
+    channels.connect.publish({ sessionId: session.id, client: facts.client });
+    const out = await gs.chain.connect();
+    const reply = refusal(out);
+    if (reply) {
+      // A refused greeting: 554 for a reject, 421 for a tempfail (RFC 5321 3.1), with the milter's text.
+      const code = out.type === 'tempfail' ? 421 : 554;
+      throw fail(connections.get(session), smtpReply(code, `${String(code)[0]}${reply.enhanced.slice(1)}`, reply.lines));
+    }
+  }
+
+  async function runHelo(gs: GatewaySession, session: SMTPServerSession): Promise<void> {
+    const helo = session.hostNameAppearsAs || undefined;
+    if (helo === gs.heloRanFor) return;
+    gs.heloRanFor = helo;
+    gs.facts.helo = helo;
+    gs.heloRefusal = helo === undefined ? undefined : refusal(await gs.chain.helo(helo));
+  }
+
+  async function onMailFrom(from: SMTPServerAddress, session: SMTPServerSession): Promise<void> {
+    const gs = sessions.get(session);
+    const conn = connections.get(session);
+    if (!gs) throw fail(conn, REPLIES.internal);
+    if (closing) throw fail(conn, REPLIES.closing);
+    gs.facts.auth = session.user ? { method: String(session.user.method ?? 'PLAIN'), user: String(session.user.username ?? session.user) } : undefined;
+    await runHelo(gs, session);
+    if (gs.heloRefusal) throw fail(conn, gs.heloRefusal);
+    const sender = toEnvelopeAddress(from);
+    const queueId = newQueueId();
+    const m = gs.facts.macros;
+    m['i'] = queueId;
+    m['{mail_addr}'] = sender.address;
+    m['{mail_host}'] = domainOf(sender.address);
+    m['{mail_mailer}'] = 'smtp';
+    if (gs.facts.auth) {
+      m['{auth_type}'] = gs.facts.auth.method;
+      m['{auth_authen}'] = gs.facts.auth.user;
+    }
+    const run = await gs.chain.begin(queueId, sender);
+    const reply = refusal(await run.mail());
+    if (reply) {
+      await run.abort();
+      throw fail(conn, reply);
+    }
+  }
+
+  async function onRcptTo(to: SMTPServerAddress, session: SMTPServerSession): Promise<void> {
+    const gs = sessions.get(session);
+    const conn = connections.get(session);
+    const run = gs?.chain.message;
+    if (!gs || !run) throw fail(conn, REPLIES.internal);
+    const rcpt = toEnvelopeAddress(to);
+    const m = gs.facts.macros;
+    m['{rcpt_addr}'] = rcpt.address;
+    m['{rcpt_host}'] = domainOf(rcpt.address);
+    m['{rcpt_mailer}'] = 'smtp';
+    const reply = refusal(await run.rcpt(rcpt));
+    if (reply) throw fail(conn, reply);
+    run.accepted(rcpt);
+  }
+
+  async function onData(stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
+    const gs = sessions.get(session);
+    const conn = connections.get(session);
+    const run = gs?.chain.message;
+    if (!gs || !run) {
+      stream.resume();
+      await new Promise((r) => stream.once('end', r));
+      throw fail(conn, REPLIES.internal);
+    }
+    return receive(gs, run, stream, conn);
+  }
+
+  async function receive(gs: GatewaySession, run: MessageRun, stream: SMTPServerDataStream, conn: GatewayConnection | undefined): Promise<string> {
+    const dataOutcome = run.data();
+    const got = await ingest(stream, {
+      maxBytes: maxMessageBytes,
+      maxHeaderBytes,
+      bareLineEndings: options.bareLineEndings ?? 'reject',
+      ...(options.spool ? { spool: options.spool } : {}),
+    });
+    let state: MessageState | undefined;
+    try {
+      const problem: IngestProblem | undefined = got.problem;
+      if (problem) {
+        await run.abort();
+        throw fail(conn, problem === 'too-large' ? REPLIES.tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : REPLIES.bareLineEnding);
+      }
+      const dataReply = refusal(await dataOutcome);
+      if (dataReply) {
+        await run.abort();
+        throw fail(conn, dataReply);
+      }
+      if (run.discarded) {
+        run.finish();
+        return `Ok: queued as ${run.queueId}`;
+      }
+      const received: StoredHeader = formatHeader(
+        'Received',
+        receivedValue({
+          helo: gs.facts.helo,
+          clientHostname: gs.facts.client.hostname,
+          clientAddress: gs.facts.client.address,
+          hostname,
+          protocol: conn?.session.transmissionType ?? 'ESMTP',
+          queueId: run.queueId,
+          tls: gs.facts.tls,
+          recipients: run.recipients.map((r) => r.address),
+        }),
+      );
+      state = new MessageState({
+        headers: [received, ...got.headers],
+        body: spoolBody(got.spool, got.bodyOffset),
+        sender: run.sender,
+        recipients: [...run.recipients],
+      });
+      const contentReply = refusal(await run.content(state));
+      if (contentReply) {
+        await run.abort();
+        throw fail(conn, contentReply);
+      }
+      if (run.discarded) {
+        run.finish();
+        return `Ok: queued as ${run.queueId}`;
+      }
+      if (state.recipients.length === 0) throw fail(conn, REPLIES.noRecipients);
+      const envelope = { queueId: run.queueId, sender: state.sender, recipients: state.recipients };
+      let transport = options.delivery;
+      if (state.quarantine !== undefined) {
+        state.headers.unshift(formatHeader('X-Dovetail-Quarantine', state.quarantine));
+        transport = quarantineTransport;
+      }
+      let results: RecipientResult[];
+      try {
+        results = await transport.deliver(envelope, state.source());
+        if (results.length !== envelope.recipients.length) {
+          throw new DovetailError(ErrorCodes.DELIVERY_FAILED, `transport ${transport.name} returned ${results.length} results for ${envelope.recipients.length} recipients`);
+        }
+      } catch (err) {
+        channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, error: err });
+        results = envelope.recipients.map((r) => ({ recipient: r.address, status: 'deferred', reply: REPLIES.internal }));
+      }
+      const summary = summarize(results, run.queueId);
+      channels.message.publish({
+        sessionId: gs.facts.sessionId,
+        queueId: run.queueId,
+        size: state.size,
+        quarantine: state.quarantine,
+        results,
+        reply: summary.reply,
+      });
+      if (!summary.ok) throw fail(conn, summary.reply);
+      return summary.reply.lines.join(' ');
+    } finally {
+      run.finish();
+      await state?.dispose();
+      await got.spool.dispose();
+    }
+  }
+
+  const servers: SMTPServer[] = [];
+
+  class GatewayServer extends SMTPServer {
+    override connect(socket: net.Socket | tls.TLSSocket, socketOptions: unknown): void {
+      // Same as SMTPServer.connect, with our connection class.
+      const connection = new GatewayConnection(this, socket, socketOptions as ConstructorParameters<typeof SMTPConnection>[2]);
+      connections.set(connection.session, connection);
+      this.connections.add(connection);
+      connection.on('error', (err: Error) => (this as unknown as { _onError(e: Error): void })._onError(err));
+      connection.on('connect', (data: unknown) => (this as unknown as { _onClientConnect(d: unknown): void })._onClientConnect(data));
+      connection.init();
+    }
+  }
+
+  const callbackify =
+    <A extends unknown[], R>(fn: (...args: A) => Promise<R>) =>
+    (...args: [...A, (err?: Error | null, result?: R) => void]): void => {
+      const cb = args.pop() as (err?: Error | null, result?: R) => void;
+      fn(...(args as unknown as A)).then(
+        (r) => cb(null, r),
+        (err: unknown) => {
+          if (err instanceof ReplyError) return cb(err);
+          // An internal failure: the client gets a generic 451, the error goes to the channel.
+          channels.error.publish({ error: err });
+          const session = args[args.length - 1] as SMTPServerSession;
+          cb(fail(connections.get(session), REPLIES.internal));
+        },
+      );
+    };
+
+  function smtpOptions(): SMTPServerOptions {
+    const disabled = [];
+    if (!options.tls) disabled.push('STARTTLS');
+    if (!options.authenticate) disabled.push('AUTH');
+    return {
+      name: hostname,
+      ...(options.banner ? { banner: options.banner } : {}),
+      size: maxMessageBytes,
+      maxClients: options.maxClients ?? 1000,
+      disabledCommands: disabled,
+      authOptional: true,
+      allowInsecureAuth: options.allowInsecureAuth ?? false,
+      authMethods: ['PLAIN', 'LOGIN'],
+      hideDSN: true,
+      hideENHANCEDSTATUSCODES: false,
+      disableReverseLookup: options.resolveClientNames === false,
+      socketTimeout: options.socketTimeout ?? 300_000,
+      closeTimeout: options.closeTimeout ?? 30_000,
+      maxRecipients: options.maxRecipients ?? 1000,
+      ...(options.tls ? { key: options.tls.key, cert: options.tls.cert } : {}),
+      logger: false,
+      onConnect: callbackify(onConnect),
+      onSecure: (socket, session, cb) => {
+        const gs = sessions.get(session);
+        if (gs) {
+          gs.facts.tls = tlsInfo(socket as tls.TLSSocket);
+          const m = gs.facts.macros;
+          if (gs.facts.tls) {
+            m['{tls_version}'] = gs.facts.tls.version;
+            m['{cipher}'] = gs.facts.tls.cipher;
+            m['{cipher_bits}'] = String(gs.facts.tls.bits);
+          }
+        }
+        cb();
+      },
+      onAuth: (auth: SMTPServerAuthentication, session, cb) => {
+        const check = options.authenticate;
+        if (!check || (auth.method !== 'PLAIN' && auth.method !== 'LOGIN')) {
+          return cb(Object.assign(new Error('Authentication not available'), { responseCode: 504 }));
+        }
+        check({
+          method: auth.method,
+          username: auth.username ?? '',
+          password: auth.password ?? '',
+          client: { address: session.remoteAddress, tls: session.secure },
+        }).then(
+          (ok) => (ok ? cb(null, { user: { username: auth.username, method: auth.method } }) : cb(Object.assign(new Error('Authentication credentials invalid'), { responseCode: 535 }))),
+          (err: unknown) => {
+            channels.error.publish({ sessionId: session.id, error: err });
+            cb(Object.assign(new Error('Temporary authentication failure'), { responseCode: 454 }));
+          },
+        );
+      },
+      onMailFrom: callbackify((a: SMTPServerAddress, s: SMTPServerSession) => onMailFrom(a, s)),
+      onRcptTo: callbackify((a: SMTPServerAddress, s: SMTPServerSession) => onRcptTo(a, s)),
+      onData: (stream, session, cb) => {
+        // In flight from DATA until its reply is written: close() waits for these.
+        inflight++;
+        callbackify(onData)(stream, session, (err, message) => {
+          cb(err ?? null, message);
+          if (--inflight === 0) drained?.();
+        });
+      },
+      onClose: (session) => {
+        const gs = sessions.get(session);
+        sessions.delete(session);
+        connections.delete(session);
+        if (gs) {
+          gs.chain.close().then(
+            () => channels.close.publish({ sessionId: session.id }),
+            (err: unknown) => channels.error.publish({ sessionId: session.id, error: err }),
+          );
+        }
+      },
+    };
+  }
+
+  return {
+    get addresses() {
+      return addresses;
+    },
+    async listen() {
+      if (servers.length) throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'the gateway is already listening');
+      const bound: { host: string; port: number }[] = [];
+      for (const spec of listenSpecs) {
+        const server = new GatewayServer(smtpOptions());
+        server.on('error', (err: Error) => channels.error.publish({ error: err }));
+        servers.push(server);
+        await new Promise<void>((resolve, reject) => {
+          server.server.once('error', reject);
+          server.listen(spec.port, spec.host ?? '127.0.0.1', () => {
+            server.server.off('error', reject);
+            resolve();
+          });
+        });
+        const a = server.server.address() as net.AddressInfo;
+        bound.push({ host: a.address, port: a.port });
+      }
+      addresses = bound;
+      return bound;
+    },
+    async close() {
+      closing = true;
+      const closed = servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
+      if (inflight > 0) await new Promise<void>((resolve) => (drained = resolve));
+      // Nothing in flight: tell idle clients we are going.
+      for (const s of servers) {
+        for (const c of s.connections) {
+          c.send(421, `${hostname} Service shutting down, closing transmission channel`);
+        }
+      }
+      await Promise.all(closed);
+      servers.length = 0;
+      await options.delivery.close?.();
+      if (options.quarantine === undefined) await quarantineTransport.close?.();
+    },
+  };
+}

@@ -1,0 +1,63 @@
+/**
+ * Trace information: queue ids and the Received header (RFC 5321 4.4, RFC 5322 3.6.7), in
+ * the shape Postfix writes it so log and header tooling reads it as usual.
+ */
+import { randomBytes } from 'node:crypto';
+import type { TlsInfo } from '../milter/types.js';
+
+const ALPHABET = '0123456789BCDFGHJKLMNPQRSTVWXYZ';
+let counter = 0;
+
+/**
+ * A queue id: 12 characters from a consonant-and-digit alphabet (no vowels, so no words),
+ * time-ordered, unique within the process and unlikely to repeat across processes.
+ */
+export function newQueueId(): string {
+  let n = BigInt(Date.now()) * 1024n + BigInt(counter++ & 1023);
+  let out = '';
+  for (let i = 0; i < 9; i++) {
+    out = ALPHABET[Number(n % 31n)] + out;
+    n /= 31n;
+  }
+  const r = randomBytes(3);
+  for (const b of r) out += ALPHABET[b % 31];
+  return out;
+}
+
+const DAYS = ['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'];
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+const pad = (n: number): string => String(n).padStart(2, '0');
+
+/** An RFC 5322 date-time in UTC: `Sun, 22 Nov 2026 08:16:40 +0000`. */
+export function rfc5322Date(d: Date = new Date()): string {
+  return (
+    `${DAYS[d.getUTCDay()]}, ${d.getUTCDate()} ${MONTHS[d.getUTCMonth()]} ${d.getUTCFullYear()} ` +
+    `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}:${pad(d.getUTCSeconds())} +0000`
+  );
+}
+
+export interface ReceivedInfo {
+  readonly helo: string | undefined;
+  readonly clientHostname: string;
+  readonly clientAddress: string;
+  readonly hostname: string;
+  /** ESMTP, ESMTPS, ESMTPSA … (RFC 3848). */
+  readonly protocol: string;
+  readonly queueId: string;
+  readonly tls: TlsInfo | undefined;
+  /** Named in a `for` clause only when there is exactly one. */
+  readonly recipients: readonly string[];
+  readonly date?: Date;
+}
+
+/** The value of our Received header (folded with CRLF TAB, as Postfix folds it). */
+export function receivedValue(r: ReceivedInfo): string {
+  const literal = r.clientAddress.includes(':') ? `IPv6:${r.clientAddress}` : r.clientAddress;
+  const lines = [`from ${r.helo ?? 'unknown'} (${r.clientHostname.startsWith('[') ? 'unknown' : r.clientHostname} [${literal}])`];
+  if (r.tls) lines.push(`(using ${r.tls.version} with cipher ${r.tls.cipher} (${r.tls.bits}/${r.tls.bits} bits))`);
+  lines.push(`by ${r.hostname} (dovetail) with ${r.protocol} id ${r.queueId}`);
+  const only = r.recipients.length === 1 ? r.recipients[0] : undefined;
+  if (only !== undefined) lines.push(`for <${only}>; ${rfc5322Date(r.date)}`);
+  else lines[lines.length - 1] += `; ${rfc5322Date(r.date)}`;
+  return lines.join('\r\n\t');
+}

@@ -1,0 +1,240 @@
+// `npm test`: installs/builds (scripts/setup.mjs), then runs every compiled test
+// file dist/test/**/*.test.js with Node's built-in runner, once under the
+// current Node and once under Node 22 (from the npm package `node@22`).
+//
+//   npm test                        all test files, current Node then Node 22
+//   npm test -- maildir smtp        only files whose path contains "maildir" or "smtp"
+//   npm test -- --test-name-pattern=LMTP   args starting with "-" go to `node --test`
+//                                   (use the --flag=value form)
+//
+// Environment:
+//   DOVETAIL_TEST_NODES        which Node majors to run, e.g. "20", "22", "20,22".
+//                              Default: the current Node's major, then 22.
+//                              A major equal to the current Node uses it; any
+//                              other is fetched with `npx node@MAJOR`.
+//   DOVETAIL_TEST_CONCURRENCY  test files run in parallel (default: CPU count;
+//                              Node's own default is CPU count - 1, i.e. 1 on 2 cores).
+
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join, relative, sep } from 'node:path';
+import { ensureSetup, repoRoot } from './setup.mjs';
+
+const currentMajor = Number(process.versions.node.split('.')[0]);
+if (currentMajor < 20) {
+  process.stderr.write(`npm test needs Node >= 20; this is ${process.version}.\n`);
+  process.exit(1);
+}
+
+function fail(message) {
+  process.stderr.write(`\n[test] ERROR: ${message}\n`);
+  process.exit(1);
+}
+
+function log(message) {
+  process.stdout.write(`[test] ${message}\n`);
+}
+
+// ---- arguments and environment -------------------------------------------
+
+const args = process.argv.slice(2);
+const nodeArgs = args.filter((a) => a.startsWith('-'));
+const filters = args.filter((a) => !a.startsWith('-'));
+
+function requestedMajors() {
+  const raw = process.env.DOVETAIL_TEST_NODES?.trim();
+  const tokens = raw ? raw.split(/[\s,]+/).filter(Boolean) : [String(currentMajor), '22'];
+  const majors = [];
+  for (const token of tokens) {
+    const major = Number(token.replace(/^v/, ''));
+    if (!Number.isInteger(major) || major < 20) {
+      fail(`DOVETAIL_TEST_NODES: "${token}" is not a Node major version >= 20 (e.g. "20,22").`);
+    }
+    if (!majors.includes(major)) majors.push(major);
+  }
+  return majors;
+}
+
+function concurrency() {
+  const raw = process.env.DOVETAIL_TEST_CONCURRENCY?.trim();
+  if (!raw) return availableParallelism();
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 1) fail(`DOVETAIL_TEST_CONCURRENCY: "${raw}" is not a positive integer.`);
+  return n;
+}
+
+const majors = requestedMajors();
+const parallel = concurrency();
+
+// ---- setup, then find the test files --------------------------------------
+
+await ensureSetup();
+
+function walk(dir, out = []) {
+  let entries;
+  try {
+    entries = readdirSync(dir, { withFileTypes: true });
+  } catch {
+    return out;
+  }
+  for (const entry of entries) {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) walk(path, out);
+    else if (entry.isFile() && entry.name.endsWith('.test.js')) out.push(path);
+  }
+  return out;
+}
+
+// tsc never deletes outputs, so dist/ can hold tests whose source was removed
+// or renamed: run only those whose .ts source still exists.
+function hasSource(distFile) {
+  const rel = relative(join(repoRoot, 'dist'), distFile); // test/unit/x.test.js
+  const base = rel.slice(0, -'.js'.length);
+  return ['.ts', '.tsx'].some((ext) => existsSync(join(repoRoot, base + ext)));
+}
+
+const all = walk(join(repoRoot, 'dist', 'test')).sort();
+const stale = all.filter((f) => !hasSource(f));
+for (const f of stale) log(`skipping ${relative(repoRoot, f)}: its source was removed (stale build output)`);
+const fresh = all.filter(hasSource);
+const files = filters.length
+  ? fresh.filter((f) => {
+      const rel = relative(repoRoot, f).split(sep).join('/');
+      return filters.some((needle) => rel.includes(needle));
+    })
+  : fresh;
+
+if (fresh.length === 0) fail('no test files found (expected dist/test/**/*.test.js built from test/**/*.test.ts).');
+if (files.length === 0) fail(`no test file matches ${filters.map((f) => `"${f}"`).join(' or ')}.`);
+log(`${files.length} test file(s)${filters.length ? ` matching ${filters.join(', ')}` : ''}`);
+
+// ---- which node binaries ---------------------------------------------------
+
+/** Resolves a Node binary of the given major once, via the npm package node@MAJOR. */
+function resolveNode(major) {
+  if (major === currentMajor) return { bin: process.execPath, version: process.version };
+  log(`resolving Node ${major} with: npx --prefer-offline -y node@${major}`);
+  // --prefer-offline: with the package already in the npx cache this takes
+  // ~0.5s and needs no network; a plain `npx -y` waits minutes on an
+  // unreachable registry before falling back to the cache.
+  const started = Date.now();
+  const result = spawnSync(
+    'npx',
+    ['--prefer-offline', '-y', `node@${major}`, '-p', 'process.execPath + "\\n" + process.version'],
+    { cwd: tmpdir(), encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], shell: process.platform === 'win32' },
+  );
+  const lines = (result.stdout ?? '').trim().split('\n');
+  const [bin, version] = lines.slice(-2).map((l) => l.trim());
+  if (result.status !== 0 || !bin || !version?.startsWith(`v${major}.`) || !existsSync(bin)) {
+    fail(
+      `could not get Node ${major} from npm (npx node@${major} exited ${result.status}` +
+        `${result.error ? `: ${result.error.message}` : ''}). ` +
+        `Set DOVETAIL_TEST_NODES=${currentMajor} to test with the current Node only.`,
+    );
+  }
+  log(`Node ${major}: ${bin} (${((Date.now() - started) / 1000).toFixed(1)}s to resolve)`);
+  return { bin, version };
+}
+
+// Resolve every binary before running anything, so a missing Node fails fast.
+const nodes = majors.map(resolveNode);
+
+// ---- run -------------------------------------------------------------------
+
+const tapDir = mkdtempSync(join(tmpdir(), 'dovetail-test-'));
+let stopping = false;
+let child;
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(signal, () => {
+    stopping = true;
+    child?.kill(signal);
+  });
+}
+
+function runOnce({ bin, version }, index) {
+  const tapFile = join(tapDir, `run-${index}.tap`);
+  const argv = [
+    '--test',
+    `--test-concurrency=${parallel}`,
+    '--test-reporter=spec',
+    '--test-reporter-destination=stdout',
+    // A second reporter to a file, only to count results for the summary.
+    '--test-reporter=tap',
+    `--test-reporter-destination=${tapFile}`,
+    ...nodeArgs,
+    ...files.map((f) => relative(repoRoot, f)),
+  ];
+  process.stdout.write(
+    `\n===== dovetail tests on Node ${version} (${bin}): ${files.length} file(s), concurrency ${parallel} =====\n`,
+  );
+  const started = Date.now();
+  return new Promise((resolvePromise) => {
+    child = spawn(bin, argv, { cwd: repoRoot, stdio: 'inherit' });
+    child.on('error', (err) => {
+      process.stderr.write(`[test] could not start ${bin}: ${err.message}\n`);
+      resolvePromise({ version, code: 1, counts: undefined, seconds: 0 });
+    });
+    child.on('exit', (code, signal) => {
+      child = undefined;
+      resolvePromise({
+        version,
+        code: code ?? (signal ? 1 : 0),
+        signal,
+        counts: readCounts(tapFile),
+        seconds: (Date.now() - started) / 1000,
+      });
+    });
+  });
+}
+
+/** Reads the closing "# pass N" … lines of a TAP report. */
+function readCounts(tapFile) {
+  let text;
+  try {
+    text = readFileSync(tapFile, 'utf8');
+  } catch {
+    return undefined;
+  }
+  const counts = {};
+  for (const key of ['tests', 'pass', 'fail', 'cancelled', 'skipped', 'todo']) {
+    const all = [...text.matchAll(new RegExp(`^# ${key} (\\d+)$`, 'gm'))];
+    const last = all.at(-1);
+    if (!last) return undefined;
+    counts[key] = Number(last[1]);
+  }
+  return counts;
+}
+
+const results = [];
+for (const [i, node] of nodes.entries()) {
+  if (stopping) break;
+  results.push(await runOnce(node, i));
+}
+rmSync(tapDir, { recursive: true, force: true });
+
+// ---- summary ---------------------------------------------------------------
+
+process.stdout.write('\n===== dovetail test summary =====\n');
+let passed = 0;
+let failed = 0;
+let skipped = 0;
+let counted = true;
+for (const r of results) {
+  const c = r.counts;
+  const detail = c
+    ? `${c.pass} passed, ${c.fail} failed, ${c.cancelled} cancelled, ${c.skipped + c.todo} skipped/todo`
+    : 'no result counts';
+  const status = r.code === 0 ? 'OK' : `FAILED (${r.signal ?? `exit ${r.code}`})`;
+  process.stdout.write(`Node ${r.version}: ${status} — ${detail} in ${r.seconds.toFixed(1)}s\n`);
+  if (c) {
+    passed += c.pass;
+    failed += c.fail + c.cancelled;
+    skipped += c.skipped + c.todo;
+  } else counted = false;
+}
+const exitCode = stopping || results.length < nodes.length || results.some((r) => r.code !== 0) ? 1 : 0;
+if (counted && results.length > 0) {
+  process.stdout.write(`total: ${passed} passed, ${failed} failed, ${skipped} skipped\n`);
+}
+process.exitCode = exitCode;
