@@ -157,6 +157,8 @@ function runOnce({ bin, version }, index) {
   const argv = [
     '--test',
     `--test-concurrency=${parallel}`,
+    // No test may hang the run: each test gets at most this long (ms).
+    `--test-timeout=${process.env.DOVETAIL_TEST_TIMEOUT ?? 120000}`,
     '--test-reporter=spec',
     '--test-reporter-destination=stdout',
     // A second reporter to a file, only to count results for the summary.

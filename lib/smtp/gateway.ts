@@ -21,6 +21,7 @@
  * is answered with the worst reply so the client retries (duplicates, never loss) until
  * the durable deferred queue lands.
  */
+import { mkdir } from 'node:fs/promises';
 import os from 'node:os';
 import net from 'node:net';
 import type tls from 'node:tls';
@@ -199,7 +200,8 @@ export function createGateway(options: GatewayOptions): Gateway {
   });
   const maxMessageBytes = options.maxMessageBytes ?? 50 * 1024 * 1024;
   const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
-  const quarantineTransport = options.quarantine ?? maildir({ root: 'var/quarantine' });
+  const DEFAULT_QUARANTINE_ROOT = 'var/quarantine';
+  const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT });
   const sessions = new WeakMap<SMTPServerSession, GatewaySession>();
   const connections = new WeakMap<SMTPServerSession, GatewayConnection>();
   let inflight = 0;
@@ -516,6 +518,8 @@ export function createGateway(options: GatewayOptions): Gateway {
     },
     async listen() {
       if (servers.length) throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'the gateway is already listening');
+      // The default quarantine store's root must exist (maildir() never creates its root).
+      if (options.quarantine === undefined) await mkdir(DEFAULT_QUARANTINE_ROOT, { recursive: true, mode: 0o700 });
       const bound: { host: string; port: number }[] = [];
       for (const spec of listenSpecs) {
         const server = new GatewayServer(smtpOptions());

@@ -392,6 +392,11 @@ function checkLimit(value: unknown, name: string): void {
   }
 }
 
+function toBuffer(chunk: Buffer | Uint8Array | string): Buffer {
+  if (typeof chunk === 'string') return Buffer.from(chunk, 'utf8');
+  return Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+}
+
 /** Resolves on 'drain', or when the spool errors or closes (the error is recorded elsewhere). */
 function drained(spool: Spool): Promise<void> {
   if (spool.destroyed) return Promise.resolve();
@@ -448,8 +453,8 @@ export async function ingest(data: Readable, options: IngestOptions): Promise<In
   });
   const ingester = new Ingester(options);
   try {
-    for await (const chunk of data as AsyncIterable<Buffer | string>) {
-      const piece = ingester.push(typeof chunk === 'string' ? Buffer.from(chunk, 'utf8') : chunk);
+    for await (const chunk of data as AsyncIterable<Buffer | Uint8Array | string>) {
+      const piece = ingester.push(toBuffer(chunk));
       if (piece.length > 0 && failure === undefined && !spool.write(piece)) await drained(spool);
     }
   } catch (err) {

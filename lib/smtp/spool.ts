@@ -263,20 +263,19 @@ function memoryReader(chunks: readonly Buffer[], start: number, end: number, chu
   return new Readable({
     highWaterMark: chunkSize,
     read() {
-      for (;;) {
-        const part = parts[index];
-        if (part === undefined) {
-          this.push(null);
-          return;
-        }
-        const piece = part.subarray(within, within + chunkSize);
-        within += piece.length;
-        if (within >= part.length) {
-          index++;
-          within = 0;
-        }
-        if (!this.push(piece)) return;
+      // One piece per call, so no chunk handed out is larger than chunkSize.
+      const part = parts[index];
+      if (part === undefined) {
+        this.push(null);
+        return;
       }
+      const piece = part.subarray(within, within + chunkSize);
+      within += piece.length;
+      if (within >= part.length) {
+        index++;
+        within = 0;
+      }
+      this.push(piece);
     },
   });
 }

@@ -1,0 +1,45 @@
+#!/usr/bin/env node
+// The README's first command (`npm start`): installs and builds if needed, then runs a
+// gateway on 127.0.0.1:2525 (HOST / PORT to change) with the default milter chain,
+// delivering into ./var/mail, and says how to send it a message.
+import { mkdirSync } from 'node:fs';
+import { ensureSetup, repoRoot } from './setup.mjs';
+
+await ensureSetup();
+const { startQuickstart, defaultChain } = await import(new URL('../dist/examples/quickstart.js', import.meta.url).href);
+
+const root = process.env.MAIL_ROOT ?? `${repoRoot}/var/mail`;
+mkdirSync(root, { recursive: true });
+mkdirSync(`${repoRoot}/var/quarantine`, { recursive: true });
+const { gateway, host, port } = await startQuickstart({
+  host: process.env.HOST ?? '127.0.0.1',
+  port: Number(process.env.PORT ?? 2525),
+  root,
+});
+
+console.log(`
+dovetail gateway listening on ${host}:${port}
+  milter chain: ${defaultChain().map((m) => m.name).join(' -> ')}
+  delivery:     Maildir under ${root}/<recipient>/new/
+
+Send it a test message (in another terminal):
+  npm run send -- --to bob@example.test
+  # or with swaks:  swaks --server ${host}:${port} --to bob@example.test
+Then look at:
+  ls ${root}/bob@example.test/new/
+
+Ctrl-C stops it (messages in flight are finished first).
+`);
+
+let stopping = false;
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => {
+    if (stopping) process.exit(1);
+    stopping = true;
+    console.log('\nclosing: finishing messages in flight ...');
+    gateway.close().then(() => {
+      console.log('closed');
+      process.exit(0);
+    });
+  });
+}

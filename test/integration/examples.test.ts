@@ -1,0 +1,39 @@
+/**
+ * The examples run: the quick start gateway accepts a message from a real client
+ * (nodemailer) and stores it in its Maildir, stamped by the default chain.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import nodemailer from 'nodemailer';
+import { startQuickstart } from '../../examples/quickstart.js';
+
+test('quick start: a message sent with nodemailer lands in the Maildir, stamped; nobody@ is refused', async () => {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-qs-'));
+  const root = path.join(dir, 'mail');
+  await fs.mkdir(root);
+  const { gateway, port } = await startQuickstart({ port: 0, root });
+  try {
+    const transport = nodemailer.createTransport({ host: '127.0.0.1', port, secure: false, ignoreTLS: true, name: 'client.example' });
+    const info = await transport.sendMail({
+      from: 'alice@sender.example',
+      to: ['bob@example.test', 'nobody@example.test'],
+      subject: 'quick start',
+      text: 'hello',
+    });
+    transport.close();
+    assert.deepEqual(info.accepted, ['bob@example.test']);
+    assert.deepEqual(info.rejected, ['nobody@example.test']);
+    const newDir = path.join(root, 'bob@example.test', 'new');
+    const [file] = await fs.readdir(newDir);
+    const stored = await fs.readFile(path.join(newDir, file!), 'utf8');
+    assert.match(stored, /\r\nX-Dovetail: checked by mx\.dovetail\.test \(queue id [0-9A-Z]{12}, 127\.0\.0\.1\)\r\n/);
+    assert.match(stored, /\r\nSubject: quick start\r\n/);
+    assert.match(stored, /\r\n\r\nhello\r?\n?$/);
+  } finally {
+    await gateway.close();
+    await fs.rm(dir, { recursive: true, force: true });
+  }
+});
