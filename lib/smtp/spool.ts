@@ -263,19 +263,27 @@ function memoryReader(chunks: readonly Buffer[], start: number, end: number, chu
   return new Readable({
     highWaterMark: chunkSize,
     read() {
-      // One piece per call, so no chunk handed out is larger than chunkSize.
-      const part = parts[index];
-      if (part === undefined) {
+      // One chunk per call, made of as many stored pieces as fit: chunks are exactly
+      // chunkSize bytes but the last, however the data was written (a milter's body
+      // handler sees what Postfix would send, not the client's TCP segmentation).
+      if (index >= parts.length) {
         this.push(null);
         return;
       }
-      const piece = part.subarray(within, within + chunkSize);
-      within += piece.length;
-      if (within >= part.length) {
-        index++;
-        within = 0;
+      const pieces: Buffer[] = [];
+      let n = 0;
+      while (n < chunkSize && index < parts.length) {
+        const part = parts[index] as Buffer;
+        const piece = part.subarray(within, within + (chunkSize - n));
+        pieces.push(piece);
+        n += piece.length;
+        within += piece.length;
+        if (within >= part.length) {
+          index++;
+          within = 0;
+        }
       }
-      this.push(piece);
+      this.push(pieces.length === 1 ? pieces[0] : Buffer.concat(pieces, n));
     },
   });
 }

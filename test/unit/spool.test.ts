@@ -261,4 +261,17 @@ describe('Spool', () => {
   it('rejects a bad threshold', () => {
     assert.throws(() => new Spool({ memoryThreshold: -1 }), (e) => isDovetailError(e, ErrorCodes.INVALID_OPTIONS));
   });
+
+  it('hands out full chunks of highWaterMark bytes however the data was written (regression: body chunks split at write boundaries)', async () => {
+    for (const threshold of [1 << 20, 0]) {
+      const spool = new Spool({ memoryThreshold: threshold, dir: await freshDir() });
+      const data = randomBytes(10_000);
+      for (let i = 0; i < data.length; i += 7) await writeAndWait(spool, data.subarray(i, i + 7));
+      await endAndWait(spool);
+      const got = await collect(spool.createReadStream(3, 9_003, 1000));
+      assert.ok(got.data.equals(data.subarray(3, 9_003)));
+      assert.deepEqual(got.chunks, Array(9).fill(1000));
+      await spool.dispose();
+    }
+  });
 });
