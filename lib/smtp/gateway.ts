@@ -170,6 +170,10 @@ function cipherBits(name: string): number {
   return 0;
 }
 
+function utf8Protocol(protocol: string, sender: EnvelopeAddress): string {
+  return sender.args['SMTPUTF8'] ? protocol.replace(/^E?SMTP/, 'UTF8SMTP') : protocol;
+}
+
 function domainOf(address: string): string {
   const at = address.lastIndexOf('@');
   return at < 0 ? '' : address.slice(at + 1);
@@ -349,7 +353,8 @@ export function createGateway(options: GatewayOptions): Gateway {
           clientHostname: gs.facts.client.hostname,
           clientAddress: gs.facts.client.address,
           hostname,
-          protocol: conn?.session.transmissionType ?? 'ESMTP',
+          // RFC 6531 3.7.3: UTF8SMTP(S)(A) when the client asked for SMTPUTF8.
+          protocol: utf8Protocol(conn?.session.transmissionType ?? 'ESMTP', run.sender),
           queueId: run.queueId,
           tls: gs.facts.tls,
           recipients: run.recipients.map((r) => r.address),

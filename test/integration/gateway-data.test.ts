@@ -119,6 +119,27 @@ test('SIZE is advertised; a declared SIZE over it is refused at MAIL; a message 
   }
 });
 
+test('SMTPUTF8 and 8BITMIME: UTF-8 addresses and 8-bit bodies pass through; milters see the UTF-8 address', async () => {
+  let seen = '';
+  const gw = await startGateway({ milters: [defineMilter({ name: 'u', mail: async (_ctx, s) => void (seen = s.address) })] });
+  try {
+    const c = await ehlo(gw.port);
+    assert.equal((await c.cmd('MAIL FROM:<jörg@sender.test> SMTPUTF8 BODY=8BITMIME')).code, 250);
+    assert.equal(seen, 'jörg@sender.test');
+    assert.equal((await c.cmd('RCPT TO:<bob@example.test>')).code, 250);
+    const msg = 'From: Jörg <jörg@sender.test>\r\nSubject: grüße\r\n\r\nSchöne Grüße, 日本語\r\n';
+    const r = await c.data(msg);
+    assert.equal(r.code, 250);
+    const [m] = await stored(gw.root, 'bob@example.test');
+    assert.ok(m!.toString('utf8').endsWith(msg));
+    assert.match(m!.toString('utf8'), /^Return-Path: <jörg@sender\.test>\r\n/);
+    assert.match(m!.toString('utf8'), / with UTF8SMTP id /);
+    c.end();
+  } finally {
+    await gw.close();
+  }
+});
+
 test('PIPELINING: MAIL, RCPT, RCPT, DATA in one write get their replies in order', async () => {
   const gw = await startGateway({
     milters: [defineMilter({ name: 'r', rcpt: async (_c, r) => (r.address.startsWith('no@') ? { type: 'reject', reply: { code: 550, enhanced: '5.1.1', lines: ['nope'] } } : undefined) })],
