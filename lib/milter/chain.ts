@@ -398,7 +398,10 @@ export class MessageRun {
     const content = (base: SessionContext, seen: number): ContentContext => ({
       ...this.extend(base),
       envelope: { sender: state.sender, recipients: [...state.recipients] },
-      headers: seen === headers.length ? headers : headers.slice(0, seen),
+      // Lazy: a header handler that never looks costs no copy (a hostile message may carry many thousands).
+      get headers() {
+        return seen === headers.length ? headers : headers.slice(0, seen);
+      },
     });
     const settle = (v: Resolved): StageOutcome | 'next' | undefined => {
       const out = s.settle(m, v, this.active, this);

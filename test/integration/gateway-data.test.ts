@@ -281,6 +281,36 @@ test('STARTTLS with a real client (nodemailer): TLS facts reach the milter, the 
   }
 });
 
+test('SMTP AUTH (PLAIN/LOGIN over a real client): the milter sees ctx.auth and {auth_authen}; bad credentials get 535', async () => {
+  let auth: unknown;
+  let authen: string | undefined;
+  const gw = await startGateway({
+    allowInsecureAuth: true,
+    authenticate: async ({ username, password }) => username === 'alice' && password === 's3cret',
+    milters: [
+      defineMilter({
+        name: 'who',
+        async mail(ctx) {
+          auth = ctx.auth;
+          authen = ctx.macros['{auth_authen}'];
+        },
+      }),
+    ],
+  });
+  try {
+    const send = (pass: string, method: 'PLAIN' | 'LOGIN') => {
+      const t = nodemailer.createTransport({ host: '127.0.0.1', port: gw.port, secure: false, ignoreTLS: true, auth: { user: 'alice', pass, method } });
+      return t.sendMail({ from: 'alice@sender.test', to: 'bob@example.test', subject: 'auth', text: 'x' }).finally(() => t.close());
+    };
+    await send('s3cret', 'LOGIN');
+    assert.deepEqual(auth, { method: 'LOGIN', user: 'alice' });
+    assert.equal(authen, 'alice');
+    await assert.rejects(send('wrong', 'PLAIN'), (err: { responseCode?: number }) => err.responseCode === 535);
+  } finally {
+    await gw.close();
+  }
+});
+
 test('graceful close: a transaction in flight finishes with 250, then idle clients get 421', async () => {
   let release: (() => void) | undefined;
   const gw = await startGateway({
