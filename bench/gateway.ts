@@ -63,7 +63,7 @@ if (args.help) {
       '  --large             also run a 1 MiB phase (--large-size, --large-messages, default 6)',
       '  --warmup N          unmeasured rounds first (default 2)',
       '  --rcpts N           recipients per message (default 1)',
-      `  --targets LIST      comma-separated subset of ${TARGETS.join(',')}`,
+      `  --targets LIST      comma-separated subset of ${TARGETS.join(',')} (ratios need ${BASELINE})`,
       '  --maildir-dir DIR   where the maildir target writes (default os.tmpdir())',
       '  --timeout SECONDS   watchdog for the whole run (default 600)',
       '  --json              machine-readable output only',
@@ -103,7 +103,8 @@ for (const t of targetNames) {
     process.exit(64);
   }
 }
-if (!targetNames.includes(BASELINE)) targetNames.unshift(BASELINE);
+// Without the baseline (e.g. `--targets gateway` for a CPU profile of the gateway alone) no ratios are given.
+const withBaseline = targetNames.includes(BASELINE);
 
 // A hang anywhere ends the run rather than the machine's patience.
 const watchdog = setTimeout(() => {
@@ -223,9 +224,9 @@ async function runPhase(load: Load, targets: Target[], size: number, messages: n
     log(`  ${warm ? 'warm-up' : `round ${r - opts.warmup + 1}/${opts.rounds}`}: ${line.join(', ')}`);
   }
 
-  const base = samples.get(BASELINE)!;
+  const base = samples.get(BASELINE);
   const perRound = (s: RoundSample[], f: (x: RoundSample, b: RoundSample) => number): number[] =>
-    s.map((x, i) => f(x, base[i]!));
+    base ? s.map((x, i) => f(x, base[i]!)) : [];
   const summaries = targets.map((t): TargetSummary => {
     const s = samples.get(t.name)!;
     const all = concat(s.map((x) => x.latencies));
@@ -270,9 +271,9 @@ const mb = (n: number): number => Math.round((n / 1024 / 1024) * 10) / 10;
 
 // ---------------------------------------------------------------- output
 
-const f0 = (n: number): string => Math.round(n).toLocaleString('en-US');
-const f2 = (n: number): string => n.toFixed(2);
-const range = (s: Spread, f: (n: number) => string): string => `${f(s.median)} [${f(s.min)}–${f(s.max)}]`;
+const f0 = (n: number): string => (Number.isNaN(n) ? '–' : Math.round(n).toLocaleString('en-US'));
+const f2 = (n: number): string => (Number.isNaN(n) ? '–' : n.toFixed(2));
+const range = (s: Spread, f: (n: number) => string): string => (Number.isNaN(s.median) ? '–' : `${f(s.median)} [${f(s.min)}–${f(s.max)}]`);
 
 function table(rows: string[][]): string {
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
@@ -317,6 +318,7 @@ async function main(): Promise<void> {
     maildirDir: path.resolve(opts.maildirDir ?? os.tmpdir()),
   };
   log(`bench: ${machine.cpus} CPUs (${machine.cpuModel}), node ${machine.node}; targets ${targetNames.join(', ')}`);
+  if (!withBaseline) log(`bench: ${BASELINE} not among the targets: no ratios`);
 
   const targets: Target[] = [];
   const load = new Load();

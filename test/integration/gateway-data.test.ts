@@ -311,6 +311,34 @@ test('SMTP AUTH (PLAIN/LOGIN over a real client): the milter sees ctx.auth and {
   }
 });
 
+test('a client that disconnects mid-DATA: the spool file is removed, milters get abort, close() is not held up', async () => {
+  const spoolDir = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-spool-'));
+  const events: string[] = [];
+  const gw = await startGateway({
+    spool: { memoryThreshold: 0, dir: spoolDir },
+    milters: [defineMilter({ name: 'obs', abort: async () => void events.push('abort'), close: async () => void events.push('close') })],
+  });
+  try {
+    const c = await ehlo(gw.port);
+    assert.equal((await c.cmd('MAIL FROM:<a@sender.test>')).code, 250);
+    assert.equal((await c.cmd('RCPT TO:<bob@example.test>')).code, 250);
+    assert.equal((await c.cmd('DATA')).code, 354);
+    c.write('Subject: cut off\r\n\r\n' + 'x'.repeat(100_000));
+    await new Promise((r) => setTimeout(r, 200));
+    c.socket.destroy();
+    for (let i = 0; i < 100 && !events.includes('close'); i++) await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(events, ['abort', 'close']);
+    for (let i = 0; i < 50 && (await fs.readdir(spoolDir)).length; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(await fs.readdir(spoolDir), [], 'no spool file left behind');
+    assert.deepEqual(await stored(gw.root, 'bob@example.test'), []);
+    // close() resolves: nothing is left in flight (a hang here fails the test by its timeout).
+    await gw.gateway.close();
+  } finally {
+    await gw.close();
+    await fs.rm(spoolDir, { recursive: true, force: true });
+  }
+});
+
 test('graceful close: a transaction in flight finishes with 250, then idle clients get 421', async () => {
   let release: (() => void) | undefined;
   const gw = await startGateway({
