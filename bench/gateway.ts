@@ -32,25 +32,32 @@ import { BASELINE, TARGETS, startTarget, type Target, type TargetName } from './
 
 // ---------------------------------------------------------------- options
 
-const { values: args } = parseArgs({
-  options: {
-    rounds: { type: 'string', default: '10' },
-    messages: { type: 'string', default: '400' },
-    concurrency: { type: 'string', default: '8' },
-    size: { type: 'string', default: '4096' },
-    large: { type: 'boolean', default: false },
-    'large-size': { type: 'string', default: String(1024 * 1024) },
-    'large-messages': { type: 'string', default: '6' },
-    warmup: { type: 'string', default: '2' },
-    rcpts: { type: 'string', default: '1' },
-    targets: { type: 'string', default: TARGETS.join(',') },
-    'maildir-dir': { type: 'string' },
-    timeout: { type: 'string', default: '600' },
-    json: { type: 'boolean', default: false },
-    help: { type: 'boolean', short: 'h', default: false },
-  },
-  strict: true,
-});
+const OPTIONS = {
+  rounds: { type: 'string', default: '10' },
+  messages: { type: 'string', default: '400' },
+  concurrency: { type: 'string', default: '8' },
+  size: { type: 'string', default: '4096' },
+  large: { type: 'boolean', default: false },
+  'large-size': { type: 'string', default: String(1024 * 1024) },
+  'large-messages': { type: 'string', default: '6' },
+  warmup: { type: 'string', default: '2' },
+  rcpts: { type: 'string', default: '1' },
+  targets: { type: 'string', default: TARGETS.join(',') },
+  'maildir-dir': { type: 'string' },
+  timeout: { type: 'string', default: '600' },
+  json: { type: 'boolean', default: false },
+  help: { type: 'boolean', short: 'h', default: false },
+} as const;
+
+function parse(): ReturnType<typeof parseArgs<{ options: typeof OPTIONS; strict: true }>>['values'] {
+  try {
+    return parseArgs({ options: OPTIONS, strict: true }).values;
+  } catch (err) {
+    process.stderr.write(`${err instanceof Error ? err.message : String(err)} (see --help)\n`);
+    process.exit(64);
+  }
+}
+const args = parse();
 
 if (args.help) {
   process.stdout.write(

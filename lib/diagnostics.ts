@@ -12,11 +12,17 @@ export const Channels = {
   close: 'dovetail:gateway:close',
   /** A milter gave a verdict other than continue: `{ sessionId, queueId?, milter, stage, verdict }`. */
   verdict: 'dovetail:milter:verdict',
-  /** A milter failed or timed out and its default action was taken: `{ sessionId, milter, stage, error, action }`. */
+  /**
+   * A milter failed or timed out and its default action was taken:
+   * `{ sessionId, queueId?, milter, stage, error, action }` (`action` is `none` at abort/close).
+   */
   milterError: 'dovetail:milter:error',
-  /** A message was received and handed on: `{ sessionId, queueId, size, results, reply }`. */
+  /** A message was received and handed on: `{ sessionId, queueId, size, quarantine?, results, reply }`. */
   message: 'dovetail:gateway:message',
-  /** An internal error the client saw only as a generic reply: `{ sessionId, error }`. */
+  /**
+   * An internal error the client saw only as a generic reply, or a transport's local failure:
+   * `{ error }` plus whatever is known of `sessionId`, `queueId`, `recipient`.
+   */
   error: 'dovetail:gateway:error',
 } as const;
 

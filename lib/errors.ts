@@ -20,18 +20,10 @@ export const ErrorCodes = {
   INVALID_MILTER: 'DOVETAIL_ERR_INVALID_MILTER',
   /** Gateway or transport options are malformed. */
   INVALID_OPTIONS: 'DOVETAIL_ERR_INVALID_OPTIONS',
-  /** The message data has a bare CR or LF and the gateway refuses those. */
-  BARE_LINE_ENDING: 'DOVETAIL_ERR_BARE_LINE_ENDING',
-  /** The message's header block is larger than the gateway keeps in memory. */
-  HEADER_TOO_LARGE: 'DOVETAIL_ERR_HEADER_TOO_LARGE',
-  /** The message is larger than the gateway's size limit. */
-  MESSAGE_TOO_LARGE: 'DOVETAIL_ERR_MESSAGE_TOO_LARGE',
   /** Writing to or reading from the spool failed. */
   SPOOL_FAILED: 'DOVETAIL_ERR_SPOOL',
   /** A transport failed as a whole (not a per-recipient refusal). */
   DELIVERY_FAILED: 'DOVETAIL_ERR_DELIVERY',
-  /** The gateway is closing and takes no new work. */
-  CLOSING: 'DOVETAIL_ERR_CLOSING',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

@@ -109,8 +109,11 @@ function scoreView(entries: ScoreEntry[], milter: string): Score {
   };
 }
 
-/** A verdict after default actions: what the loop acts on. */
-type Resolved = Verdict | { readonly type: 'failed-quarantine'; readonly reason: string };
+/**
+ * A verdict after default actions: what the loop acts on. `failed` marks a default action
+ * taken for a handler that threw or timed out (its edits are dropped).
+ */
+type Resolved = (Verdict & { readonly failed?: true }) | { readonly type: 'failed-quarantine'; readonly reason: string; readonly failed: true };
 
 /** An ordered, validated list of milters; one {@link ChainSession} per SMTP session. */
 export class MilterChain {
@@ -297,18 +300,19 @@ export class ChainSession {
       ac.abort(err);
       const error =
         err instanceof DovetailError ? err : new DovetailError(ErrorCodes.MILTER_FAILED, `milter ${m.name} failed at ${stage}`, { cause: err });
-      const action = m.defaultAction ?? 'tempfail';
+      const action = stage === 'abort' || stage === 'close' ? 'none' : (m.defaultAction ?? 'tempfail');
       channels.milterError.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, error, action });
-      if (stage === 'abort' || stage === 'close') return { type: 'continue' };
       switch (action) {
+        case 'none':
+          return { type: 'continue', failed: true };
         case 'accept':
-          return { type: 'accept' };
+          return { type: 'accept', failed: true };
         case 'reject':
-          return { type: 'reject', reply: DEFAULT_REJECT_REPLY };
+          return { type: 'reject', reply: DEFAULT_REJECT_REPLY, failed: true };
         case 'quarantine':
-          return { type: 'failed-quarantine', reason: `milter ${m.name} failed at ${stage}` };
+          return { type: 'failed-quarantine', reason: `milter ${m.name} failed at ${stage}`, failed: true };
         case 'tempfail':
-          return { type: 'tempfail', reply: DEFAULT_TEMPFAIL_REPLY };
+          return { type: 'tempfail', reply: DEFAULT_TEMPFAIL_REPLY, failed: true };
       }
     } finally {
       clearTimeout(timer);
@@ -364,7 +368,9 @@ export class MessageRun {
 
   /** Records a recipient the client was told 250 for. */
   accepted(recipient: EnvelopeAddress): void {
-    this.recipients.push(recipient);
+    // A repeated RCPT for the same address is one recipient (Postfix's cleanup drops duplicates).
+    const lower = recipient.address.toLowerCase();
+    if (!this.recipients.some((r) => r.address.toLowerCase() === lower)) this.recipients.push(recipient);
   }
 
   /** The data stage. */
@@ -434,7 +440,7 @@ export class MessageRun {
     if (m.eom) {
       const rec = new EditRecorder();
       const v = await s.invoke(m, 'eom', this, (base) => m.eom?.(this.eomContext(base, state, headers, rec)));
-      if (v.type === 'continue' || v.type === 'accept' || v.type === 'quarantine') {
+      if (!v.failed && (v.type === 'continue' || v.type === 'accept' || v.type === 'quarantine')) {
         if (v.type === 'quarantine') rec.quarantine(v.reason);
         try {
           await state.apply(rec.edits, s.chain.options.spool ?? {});

@@ -100,7 +100,7 @@ export interface SessionContext {
    * when the session ends.
    */
   readonly state: Map<string, unknown>;
-  /** Aborted when the handler's timeout fires or the session ends: stop work when it does. */
+  /** Aborted when the handler's timeout fires (its default action has then been taken): stop work when it does. */
   readonly signal: AbortSignal;
   /** The spam score of the current message (at connect/helo: of the session, carried into each message). */
   readonly score: Score;
@@ -219,7 +219,11 @@ export interface Milter {
   body?(ctx: ContentContext, chunk: Buffer): Answer<BodyVerdict>;
   /** End of message (xxfi_eom): the only stage that may edit the message. */
   eom?(ctx: EomContext): Answer<EomVerdict>;
-  /** The message in progress was abandoned (RSET, a new MAIL, a reject elsewhere, the client left) (xxfi_abort). */
+  /**
+   * The message in progress was abandoned (xxfi_abort): refused at MAIL, DATA or end of
+   * message, or left open by the client (RSET, or no DATA) and noticed at the next MAIL FROM
+   * or when the session ends.
+   */
   abort?(ctx: MessageContext): Promise<void>;
   /** The session ended (xxfi_close). */
   close?(ctx: SessionContext): Promise<void>;

@@ -11,8 +11,8 @@
  *   stage runs when the next MAIL FROM arrives (once per HELO name) and its verdict is the
  *   reply to that MAIL FROM and to every MAIL FROM until the client says HELO again. That
  *   is where Postfix gives a HELO reject by default (smtpd_delay_reject = yes).
- * - data: smtp-server sends 354 before calling onData, so the data stage's verdict is the
- *   reply at the end of DATA.
+ * - data: smtp-server writes 354 as it hands the data stream to onData, without waiting
+ *   for it, so the data stage's verdict is the reply at the end of DATA.
  * - abort: when a new MAIL FROM, the end of the session, or a refusal ends a message.
  * - unknown: smtp-server answers unknown commands with 500 itself; the stage is reached
  *   through serveMilter only.
@@ -23,6 +23,7 @@
  */
 import { mkdir } from 'node:fs/promises';
 import os from 'node:os';
+import path from 'node:path';
 import net from 'node:net';
 import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
@@ -152,6 +153,9 @@ interface GatewaySession {
   heloRefusal: SmtpReply | undefined;
 }
 
+/** Macros that belong to one message and are cleared at each MAIL FROM. */
+const MESSAGE_MACROS = ['i', '{mail_addr}', '{mail_host}', '{mail_mailer}', '{rcpt_addr}', '{rcpt_host}', '{rcpt_mailer}', '{auth_type}', '{auth_authen}'];
+
 function family(address: string): AddressFamily {
   if (net.isIPv4(address)) return 'ipv4';
   if (net.isIPv6(address)) return 'ipv6';
@@ -191,20 +195,51 @@ export function summarize(results: readonly RecipientResult[], queueId: string):
   return { ok: false, reply: (deferred ?? failed)?.reply ?? REPLIES.internal };
 }
 
+/** Checks the options up front, so a typo fails at start-up and not at the first DATA. */
+function validateOptions(options: GatewayOptions, listen: readonly ListenOptions[]): void {
+  const bad = (why: string): never => {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, why);
+  };
+  if (!options || typeof options.delivery?.deliver !== 'function') bad('createGateway needs a delivery transport');
+  if (options.quarantine !== undefined && typeof options.quarantine.deliver !== 'function') bad('quarantine must be a transport');
+  const positive = (name: string, v: unknown, min = 1, max = Number.MAX_SAFE_INTEGER): void => {
+    if (v !== undefined && !(typeof v === 'number' && Number.isSafeInteger(v) && v >= min && v <= max)) {
+      bad(`${name} must be an integer from ${min} to ${max}`);
+    }
+  };
+  positive('maxMessageBytes', options.maxMessageBytes);
+  positive('maxHeaderBytes', options.maxHeaderBytes);
+  positive('maxRecipients', options.maxRecipients);
+  positive('maxClients', options.maxClients);
+  positive('socketTimeout', options.socketTimeout);
+  positive('closeTimeout', options.closeTimeout, 0);
+  positive('spool.memoryThreshold', options.spool?.memoryThreshold, 0);
+  positive('milterTimeouts.command', options.milterTimeouts?.command);
+  positive('milterTimeouts.content', options.milterTimeouts?.content);
+  if (options.bareLineEndings !== undefined && options.bareLineEndings !== 'reject' && options.bareLineEndings !== 'normalize') {
+    bad("bareLineEndings must be 'reject' or 'normalize'");
+  }
+  if (listen.length === 0) bad('listen needs at least one address');
+  for (const l of listen) {
+    if (l.port === undefined) bad('listen needs a port');
+    positive('listen port', l.port, 0, 65535);
+  }
+  if (options.tls && (!options.tls.key || !options.tls.cert)) bad('tls needs both key and cert');
+}
+
 /** Creates a gateway (call listen() to start it). */
 export function createGateway(options: GatewayOptions): Gateway {
-  if (!options || typeof options.delivery?.deliver !== 'function') {
-    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'createGateway needs a delivery transport');
-  }
   const hostname = options.hostname ?? os.hostname();
-  const listenSpecs = options.listen === undefined ? [{ port: 2525 }] : Array.isArray(options.listen) ? options.listen : [options.listen as ListenOptions];
+  const listenSpecs: readonly ListenOptions[] =
+    options?.listen === undefined ? [{ port: 2525 }] : Array.isArray(options.listen) ? options.listen : [options.listen as ListenOptions];
+  validateOptions(options, listenSpecs);
   const chain = new MilterChain(options.milters ?? [], {
     ...(options.milterTimeouts ? { timeouts: options.milterTimeouts } : {}),
     ...(options.spool ? { spool: options.spool } : {}),
   });
   const maxMessageBytes = options.maxMessageBytes ?? 50 * 1024 * 1024;
   const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
-  const DEFAULT_QUARANTINE_ROOT = 'var/quarantine';
+  const DEFAULT_QUARANTINE_ROOT = path.resolve('var/quarantine');
   const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT });
   const sessions = new WeakMap<SMTPServerSession, GatewaySession>();
   const connections = new WeakMap<SMTPServerSession, GatewayConnection>();
@@ -228,6 +263,7 @@ export function createGateway(options: GatewayOptions): Gateway {
 
   async function onConnect(session: SMTPServerSession): Promise<void> {
     const address = session.remoteAddress;
+    const named = !!session.clientHostname && !session.clientHostname.startsWith('[');
     const facts: SessionFacts = {
       sessionId: session.id,
       client: { address, port: session.remotePort, hostname: session.clientHostname || `[${address}]`, family: family(address) },
@@ -241,11 +277,11 @@ export function createGateway(options: GatewayOptions): Gateway {
         '{daemon_addr}': session.localAddress,
         '{daemon_port}': String(session.localPort),
         v: 'dovetail',
-        _: `${session.clientHostname || 'unknown'} [${address}]`,
+        _: `${named ? session.clientHostname : 'unknown'} [${address}]`,
         '{client_addr}': address,
         '{client_port}': String(session.remotePort),
-        '{client_name}': session.clientHostname?.startsWith('[') ? 'unknown' : session.clientHostname,
-        '{client_ptr}': session.clientHostname?.startsWith('[') ? 'unknown' : session.clientHostname,
+        '{client_name}': named ? session.clientHostname : 'unknown',
+        '{client_ptr}': named ? session.clientHostname : 'unknown',
       },
     };
     const gs: GatewaySession = { facts, chain: chain.session(facts), heloRanFor: undefined, heloRefusal: undefined };
@@ -279,6 +315,8 @@ export function createGateway(options: GatewayOptions): Gateway {
     const sender = toEnvelopeAddress(from);
     const queueId = newQueueId();
     const m = gs.facts.macros;
+    // Message macros start afresh with each MAIL FROM.
+    for (const k of MESSAGE_MACROS) delete m[k];
     m['i'] = queueId;
     m['{mail_addr}'] = sender.address;
     m['{mail_host}'] = domainOf(sender.address);
@@ -332,12 +370,13 @@ export function createGateway(options: GatewayOptions): Gateway {
     });
     let state: MessageState | undefined;
     try {
+      // The data stage ran while the message streamed in; settle it before anything else.
+      const dataReply = refusal(await dataOutcome);
       const problem: IngestProblem | undefined = got.problem;
       if (problem) {
         await run.abort();
         throw fail(conn, problem === 'too-large' ? REPLIES.tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : REPLIES.bareLineEnding);
       }
-      const dataReply = refusal(await dataOutcome);
       if (dataReply) {
         await run.abort();
         throw fail(conn, dataReply);
@@ -457,7 +496,9 @@ export function createGateway(options: GatewayOptions): Gateway {
       hideENHANCEDSTATUSCODES: false,
       disableReverseLookup: options.resolveClientNames === false,
       socketTimeout: options.socketTimeout ?? 300_000,
-      closeTimeout: options.closeTimeout ?? 30_000,
+      // close() below decides when to cut connections off; smtp-server's own timer would
+      // say 421 to a client whose message is still being delivered.
+      closeTimeout: 0x7fffffff,
       maxRecipients: options.maxRecipients ?? 1000,
       ...(options.tls ? { key: options.tls.key, cert: options.tls.cert } : {}),
       logger: false,
@@ -544,10 +585,20 @@ export function createGateway(options: GatewayOptions): Gateway {
       return bound;
     },
     async close() {
+      if (servers.length === 0) return;
       closing = true;
       const closed = servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
-      if (inflight > 0) await new Promise<void>((resolve) => (drained = resolve));
-      // Nothing in flight: tell idle clients we are going.
+      if (inflight > 0) {
+        // Let transactions in flight finish, up to closeTimeout.
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([
+          new Promise<void>((resolve) => (drained = resolve)),
+          new Promise<void>((resolve) => (timer = setTimeout(resolve, options.closeTimeout ?? 30_000))),
+        ]);
+        clearTimeout(timer);
+        drained = undefined;
+      }
+      // Tell every remaining client we are going (send() closes the connection after a 421).
       for (const s of servers) {
         for (const c of s.connections) {
           c.send(421, `${hostname} Service shutting down, closing transmission channel`);
@@ -555,6 +606,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       }
       await Promise.all(closed);
       servers.length = 0;
+      addresses = [];
+      closing = false;
       await options.delivery.close?.();
       if (options.quarantine === undefined) await quarantineTransport.close?.();
     },

@@ -1,0 +1,28 @@
+/**
+ * The one error the milter codec throws: a frame or payload that breaks the wire format
+ * (length < 1, over the maximum, a missing NUL, a short field, left-over bytes, an unknown
+ * command), or a value our own encoder cannot put on the wire (a NUL inside a string, a
+ * number out of range). Postfix treats the first kind as a communication error that takes
+ * the milter's default action (milter8.c milter8_comm_error); the session layer should do
+ * the same. It carries no peer data beyond a short, printable description.
+ *
+ * Does not: decide the default action, log, or close anything.
+ */
+import { DovetailError, type ErrorCode } from '../../errors.js';
+
+/** The stable code; to be listed as `ErrorCodes.MILTER_PROTOCOL` in lib/errors.ts. */
+export const MILTER_PROTOCOL_ERROR = 'DOVETAIL_ERR_MILTER_PROTOCOL';
+
+/** A violation of the milter wire format. */
+export class MilterProtocolError extends DovetailError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    // The registry in lib/errors.ts does not list this code yet; the cast goes once it does.
+    super(MILTER_PROTOCOL_ERROR as string as ErrorCode, message, options);
+    this.name = 'MilterProtocolError';
+  }
+}
+
+/** True when `err` is a {@link MilterProtocolError}. */
+export function isMilterProtocolError(err: unknown): err is MilterProtocolError {
+  return err instanceof MilterProtocolError;
+}
