@@ -195,8 +195,11 @@ export class ChainSession {
   }
 
   /** @internal The base context of one handler call. */
-  baseContext(m: Milter, stage: Stage, signal: AbortSignal, run: MessageRun | undefined): SessionContext {
+  baseContext(m: Milter, stage: Stage, signal: () => AbortSignal, run: MessageRun | undefined): SessionContext {
     const f = this.facts;
+    // Stage contexts extend this object in place (Object.assign / defineProperty, never a
+    // spread), so the signal stays lazy: most handlers never read it, and an
+    // AbortController per call is a measurable share of the chain's cost.
     return {
       stage,
       milter: m.name,
@@ -208,7 +211,9 @@ export class ChainSession {
       auth: f.auth,
       macros: f.macros,
       state: this.stateOf(m),
-      signal,
+      get signal() {
+        return signal();
+      },
       score: scoreView(run ? run.scoreEntries : this.scoreEntries, m.name),
     };
   }
@@ -274,7 +279,8 @@ export class ChainSession {
     const ms = CONTENT_STAGES.has(stage)
       ? (t.content ?? o.content ?? DEFAULT_CONTENT_TIMEOUT)
       : (t.command ?? o.command ?? DEFAULT_COMMAND_TIMEOUT);
-    const ac = new AbortController();
+    let ac: AbortController | undefined;
+    const signal = (): AbortSignal => (ac ??= new AbortController()).signal;
     let timer: NodeJS.Timeout | undefined;
     try {
       const result = await new Promise<unknown>((resolve, reject) => {
@@ -283,7 +289,7 @@ export class ChainSession {
           ms,
         );
         try {
-          Promise.resolve(call(this.baseContext(m, stage, ac.signal, run))).then(resolve, reject);
+          Promise.resolve(call(this.baseContext(m, stage, signal, run))).then(resolve, reject);
         } catch (err) {
           reject(err);
         }
@@ -297,7 +303,7 @@ export class ChainSession {
       }
       return v;
     } catch (err) {
-      ac.abort(err);
+      ac?.abort(err);
       const error =
         err instanceof DovetailError ? err : new DovetailError(ErrorCodes.MILTER_FAILED, `milter ${m.name} failed at ${stage}`, { cause: err });
       const action = stage === 'abort' || stage === 'close' ? 'none' : (m.defaultAction ?? 'tempfail');
@@ -343,11 +349,8 @@ export class MessageRun {
     this.quarantine = session.quarantine;
   }
 
-  private extend = (base: SessionContext): MessageContext => ({
-    ...base,
-    queueId: this.queueId,
-    envelope: { sender: this.sender, recipients: [...this.recipients] },
-  });
+  private extend = (base: SessionContext): MessageContext =>
+    Object.assign(base, { queueId: this.queueId, envelope: { sender: this.sender, recipients: [...this.recipients] } });
 
   private async stage(stage: Stage, call: (m: Milter, ctx: MessageContext) => Promise<unknown> | undefined): Promise<StageOutcome> {
     if (this.discarded || this.done) return CONTINUE;
@@ -401,14 +404,13 @@ export class MessageRun {
   private async contentFor(m: Milter, state: MessageState): Promise<StageOutcome | undefined> {
     const s = this.session;
     const headers: readonly HeaderField[] = [...state.headers];
-    const content = (base: SessionContext, seen: number): ContentContext => ({
-      ...this.extend(base),
-      envelope: { sender: state.sender, recipients: [...state.recipients] },
-      // Lazy: a header handler that never looks costs no copy (a hostile message may carry many thousands).
-      get headers() {
-        return seen === headers.length ? headers : headers.slice(0, seen);
-      },
-    });
+    const envelope = { sender: state.sender, recipients: [...state.recipients] };
+    const content = (base: SessionContext, seen: number): ContentContext =>
+      Object.defineProperty(Object.assign(base, { queueId: this.queueId, envelope }), 'headers', {
+        // Lazy: a header handler that never looks costs no copy (a hostile message may carry many thousands).
+        get: () => (seen === headers.length ? headers : headers.slice(0, seen)),
+        enumerable: true,
+      }) as unknown as ContentContext;
     const settle = (v: Resolved): StageOutcome | 'next' | undefined => {
       const out = s.settle(m, v, this.active, this);
       if (out) return out;
@@ -459,8 +461,7 @@ export class MessageRun {
   private eomContext(base: SessionContext, state: MessageState, headers: readonly HeaderField[], rec: EditRecorder): EomContext {
     const sender = state.sender;
     const recipients = [...state.recipients];
-    return {
-      ...base,
+    const eom: Omit<EomContext, keyof SessionContext> = {
       queueId: this.queueId,
       headers,
       envelope: {
@@ -483,6 +484,7 @@ export class MessageRun {
       },
       quarantine: (reason) => rec.quarantine(reason),
     };
+    return Object.assign(base, eom);
   }
 
   /** The message ended before every milter saw its end: tell those still in it (xxfi_abort). */

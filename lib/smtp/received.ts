@@ -19,9 +19,19 @@ export function newQueueId(): string {
     out = ALPHABET[Number(n % 31n)] + out;
     n /= 31n;
   }
-  const r = randomBytes(3);
-  for (const b of r) out += ALPHABET[b % 31];
+  for (let i = 0; i < 3; i++) out += ALPHABET[randomByte() % 31];
   return out;
+}
+
+// Random bytes drawn from a pool: one randomBytes() call per 1 024 queue ids, not per id.
+let pool = Buffer.alloc(0);
+let poolAt = 0;
+function randomByte(): number {
+  if (poolAt >= pool.length) {
+    pool = randomBytes(3072);
+    poolAt = 0;
+  }
+  return pool[poolAt++] as number;
 }
 
 const DAYS = ['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'];

@@ -65,7 +65,8 @@ async function writeAll(fh: FileHandle, buffers: readonly Buffer[], position: nu
  */
 export class Spool extends Writable {
   readonly #threshold: number;
-  readonly #dir: string;
+  /** undefined: os.tmpdir(), looked up only when a spool moves to disk (it is not free per message). */
+  readonly #dir: string | undefined;
   #memory: Buffer[] = [];
   #size = 0;
   #path: string | undefined;
@@ -81,7 +82,7 @@ export class Spool extends Writable {
       throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'spool memoryThreshold must be a non-negative integer');
     }
     this.#threshold = threshold;
-    this.#dir = options.dir ?? tmpdir();
+    this.#dir = options.dir;
   }
 
   /** Bytes written so far. */
@@ -129,7 +130,7 @@ export class Spool extends Writable {
   async #storeOnDisk(chunks: Buffer[], bytes: number): Promise<void> {
     if (this.#fh === undefined) {
       // Written from position 0: everything held in memory, then the new chunks.
-      const path = join(this.#dir, `dovetail-spool-${randomBytes(16).toString('hex')}`);
+      const path = join(this.#dir ?? tmpdir(), `dovetail-spool-${randomBytes(16).toString('hex')}`);
       this.#fh = await open(path, 'wx', 0o600);
       this.#path = path;
       await writeAll(this.#fh, [...this.#memory, ...chunks], 0);
