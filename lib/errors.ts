@@ -18,6 +18,8 @@ export const ErrorCodes = {
   INVALID_EDIT: 'DOVETAIL_ERR_INVALID_EDIT',
   /** A milter object given to defineMilter() or the gateway is malformed. */
   INVALID_MILTER: 'DOVETAIL_ERR_INVALID_MILTER',
+  /** A milter peer sent a malformed frame (bad length, missing NUL, left-over bytes, unknown command). */
+  MILTER_PROTOCOL: 'DOVETAIL_ERR_MILTER_PROTOCOL',
   /** Gateway or transport options are malformed. */
   INVALID_OPTIONS: 'DOVETAIL_ERR_INVALID_OPTIONS',
   /** Writing to or reading from the spool failed. */

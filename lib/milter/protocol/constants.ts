@@ -10,8 +10,8 @@
  * - Postfix src/milter/milter8.c: the same values (Postfix keeps its own copy) and the
  *   per-version event masks (MILTER8_V2_PROTO_MASK …).
  *
- * Pure data: no behaviour, no validation. Note that libmilter has no SMFIR_* for '4' other
- * than SMFIR_SHUTDOWN and that 'l' is SMFIR_SETSYMLIST (not a shutdown).
+ * Pure data: no behaviour, no validation. Easily confused: SMFIR_SHUTDOWN is '4',
+ * SMFIR_SETSYMLIST is 'l', SMFIR_CONN_FAIL is 'f' (mfdef.h and milter8.c agree).
  */
 
 /** Commands, MTA → filter (mfdef.h "commands"). */

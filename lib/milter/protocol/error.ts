@@ -8,16 +8,15 @@
  *
  * Does not: decide the default action, log, or close anything.
  */
-import { DovetailError, type ErrorCode } from '../../errors.js';
+import { DovetailError, ErrorCodes } from '../../errors.js';
 
-/** The stable code; to be listed as `ErrorCodes.MILTER_PROTOCOL` in lib/errors.ts. */
-export const MILTER_PROTOCOL_ERROR = 'DOVETAIL_ERR_MILTER_PROTOCOL';
+/** The stable code (`ErrorCodes.MILTER_PROTOCOL`). */
+export const MILTER_PROTOCOL_ERROR = ErrorCodes.MILTER_PROTOCOL;
 
 /** A violation of the milter wire format. */
 export class MilterProtocolError extends DovetailError {
   constructor(message: string, options?: { cause?: unknown }) {
-    // The registry in lib/errors.ts does not list this code yet; the cast goes once it does.
-    super(MILTER_PROTOCOL_ERROR as string as ErrorCode, message, options);
+    super(MILTER_PROTOCOL_ERROR, message, options);
     this.name = 'MilterProtocolError';
   }
 }
