@@ -4,7 +4,7 @@
  * The public entry point. See docs/architecture.md for how the parts fit and
  * docs/writing-a-milter.md for the Milter interface.
  */
-export { createGateway, summarize } from './smtp/gateway.js';
+export { createGateway, summarize, mixed } from './smtp/gateway.js';
 export type { Gateway, GatewayOptions, ListenOptions, AuthRequest } from './smtp/gateway.js';
 
 export { defineMilter, validateMilter } from './milter/define.js';
@@ -67,7 +67,7 @@ export type { MessageEdit } from './milter/message.js';
 
 export { maildir, defaultMailbox } from './delivery/maildir.js';
 export type { MaildirOptions } from './delivery/maildir.js';
-export type { Transport, DeliveryEnvelope, MessageSource, RecipientResult, DeliveryStatus } from './delivery/types.js';
+export type { Transport, DeliveryEnvelope, MessageSource, RecipientResult, DeliveryStatus, DeferredQueue } from './delivery/types.js';
 
 export { DovetailError, ErrorCodes, isDovetailError } from './errors.js';
 export type { ErrorCode } from './errors.js';

@@ -43,10 +43,28 @@ export interface RecipientResult {
 export interface Transport {
   readonly name: string;
   /**
+   * Recipient verification at RCPT (optional): asked for each recipient the milters
+   * accepted, before the client is told 250. Resolve a 4xx/5xx reply to refuse the
+   * recipient now (unknown user, full mailbox), or undefined to accept it. A throw
+   * accepts the recipient (verification is advisory; delivery still decides).
+   */
+  verifyRecipient?(envelope: { readonly queueId: string; readonly sender: EnvelopeAddress }, recipient: EnvelopeAddress): Promise<SmtpReply | undefined>;
+  /**
    * Delivers to every recipient and returns exactly one result per recipient, in envelope
    * order. Throwing means every recipient is `deferred`.
    */
   deliver(envelope: DeliveryEnvelope, message: MessageSource): Promise<RecipientResult[]>;
   /** Releases pooled connections or handles. */
   close?(): Promise<void>;
+}
+
+/**
+ * Where the gateway puts a message whose recipients did not all end the same way (some
+ * delivered, some deferred or failed): the queue must make the message and the deferred
+ * recipients durable (fsync) before it resolves, because the client is told 250 next. It
+ * retries the deferred ones and reports failed ones to the sender (DSN). A throw makes the
+ * gateway answer 451 instead (the client retries the whole message).
+ */
+export interface DeferredQueue {
+  defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly RecipientResult[]): Promise<void>;
 }

@@ -6,7 +6,7 @@ import { DovetailError, ErrorCodes } from '../errors.js';
 import { STAGES } from './stages.js';
 import type { Milter } from './types.js';
 
-const KNOWN_KEYS = new Set<string>(['name', 'defaultAction', 'timeouts', ...STAGES]);
+const KNOWN_KEYS = new Set<string>(['name', 'defaultAction', 'timeouts', 'limits', ...STAGES]);
 const DEFAULT_ACTIONS = new Set(['tempfail', 'accept', 'reject', 'quarantine']);
 
 /**
@@ -32,6 +32,10 @@ export function validateMilter(milter: unknown): asserts milter is Milter {
   }
   if (m['defaultAction'] !== undefined && !DEFAULT_ACTIONS.has(m['defaultAction'] as string)) {
     bad(`milter ${name}: defaultAction must be one of ${[...DEFAULT_ACTIONS].join(', ')}`);
+  }
+  const limit = (m['limits'] as Record<string, unknown> | undefined)?.['maxMessageBytes'];
+  if (limit !== undefined && !(typeof limit === 'number' && Number.isSafeInteger(limit) && limit > 0)) {
+    bad(`milter ${name}: limits.maxMessageBytes must be a positive integer`);
   }
   const t = m['timeouts'] as Record<string, unknown> | undefined;
   if (t !== undefined) {

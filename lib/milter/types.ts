@@ -200,6 +200,12 @@ export interface Milter {
   /** Taken when a handler throws or times out. Default `tempfail`. */
   readonly defaultAction?: DefaultAction;
   readonly timeouts?: MilterTimeouts;
+  /**
+   * Limits this milter asks the gateway to enforce at the SMTP level (sizeLimit uses it):
+   * the smallest `maxMessageBytes` of the gateway and its milters is advertised as SIZE,
+   * checked against MAIL FROM's SIZE=, and enforced while DATA streams.
+   */
+  readonly limits?: { readonly maxMessageBytes?: number };
 
   /** A client connected (xxfi_connect). Reject/tempfail refuses the session at the greeting. */
   connect?(ctx: SessionContext): Answer<SessionVerdict>;

@@ -34,7 +34,7 @@ import { ChainSession, MilterChain, type MessageRun, type SessionFacts, type Sta
 import { formatHeader, MessageState, spoolBody, type StoredHeader } from '../milter/message.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 import type { AddressFamily, EnvelopeAddress, Milter, MilterTimeouts, TlsInfo } from '../milter/types.js';
-import type { RecipientResult, Transport } from '../delivery/types.js';
+import type { DeferredQueue, RecipientResult, Transport } from '../delivery/types.js';
 import { maildir } from '../delivery/maildir.js';
 import { ingest, type IngestProblem } from './ingest.js';
 import type { SpoolOptions } from './spool.js';
@@ -67,13 +67,26 @@ export interface GatewayOptions {
   readonly delivery: Transport;
   /** Where quarantined messages go. Default: maildir({ root: 'var/quarantine' }). */
   readonly quarantine?: Transport;
+  /**
+   * Where a message goes when its recipients did not all end alike (some delivered, some
+   * deferred or failed): the client is then told 250 once the queue has it on disk. Without
+   * a queue such a message is answered with the worst reply, so the client retries it
+   * (duplicates for those already delivered, never a loss).
+   */
+  readonly queue?: DeferredQueue;
+  /** Ask the delivery transport about each recipient at RCPT (when it can: Transport.verifyRecipient). Default false. */
+  readonly verifyRecipients?: boolean;
   /** Key and certificate (PEM) to offer STARTTLS. Without them STARTTLS is not offered. */
   readonly tls?: { readonly key: string | Buffer; readonly cert: string | Buffer };
   /** SMTP AUTH: return true to accept the credentials. Without it AUTH is not offered. */
   readonly authenticate?: (request: AuthRequest) => Promise<boolean>;
   /** Offer AUTH on plain-text connections too. Default false. */
   readonly allowInsecureAuth?: boolean;
-  /** The SIZE limit in bytes, advertised in EHLO and enforced while DATA streams. Default 50 MiB. */
+  /**
+   * The SIZE limit in bytes, advertised in EHLO, checked against MAIL FROM's SIZE=, and
+   * enforced while DATA streams. Default 50 MiB; a milter's `limits.maxMessageBytes`
+   * (sizeLimit) lowers it.
+   */
   readonly maxMessageBytes?: number;
   /** The largest header block kept in memory. Default 1 MiB. */
   readonly maxHeaderBytes?: number;
@@ -137,7 +150,6 @@ class GatewayConnection extends SMTPConnection {
 }
 
 const REPLIES = {
-  tooLarge: smtpReply(552, '5.3.4', 'Error: message file too big'),
   headerTooLarge: smtpReply(552, '5.3.4', 'Error: message header too big'),
   bareLineEnding: smtpReply(550, '5.5.2', 'Error: bare <CR> or <LF> in message data (RFC 5321 2.3.8)'),
   noRecipients: smtpReply(554, '5.5.1', 'Error: no valid recipients'),
@@ -181,6 +193,11 @@ function utf8Protocol(protocol: string, sender: EnvelopeAddress): string {
 function domainOf(address: string): string {
   const at = address.lastIndexOf('@');
   return at < 0 ? '' : address.slice(at + 1);
+}
+
+/** True when the recipients did not all end alike (so no single SMTP reply tells the truth). */
+export function mixed(results: readonly RecipientResult[]): boolean {
+  return results.some((r) => r.status !== results[0]?.status);
 }
 
 /**
@@ -237,7 +254,12 @@ export function createGateway(options: GatewayOptions): Gateway {
     ...(options.milterTimeouts ? { timeouts: options.milterTimeouts } : {}),
     ...(options.spool ? { spool: options.spool } : {}),
   });
-  const maxMessageBytes = options.maxMessageBytes ?? 50 * 1024 * 1024;
+  const maxMessageBytes = Math.min(
+    options.maxMessageBytes ?? 50 * 1024 * 1024,
+    ...chain.milters.map((m) => m.limits?.maxMessageBytes ?? Infinity),
+  );
+  // RFC 5321 4.5.3.1.10 / RFC 1870: say who refused and what the limit is.
+  const tooLarge = smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`);
   const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
   const DEFAULT_QUARANTINE_ROOT = path.resolve('var/quarantine');
   const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT });
@@ -345,6 +367,17 @@ export function createGateway(options: GatewayOptions): Gateway {
     m['{rcpt_mailer}'] = 'smtp';
     const reply = refusal(await run.rcpt(rcpt));
     if (reply) throw fail(conn, reply);
+    const verify = options.verifyRecipients ? options.delivery.verifyRecipient : undefined;
+    if (verify) {
+      let answer: SmtpReply | undefined;
+      try {
+        answer = await verify.call(options.delivery, { queueId: run.queueId, sender: run.sender }, rcpt);
+      } catch (err) {
+        // Verification is advisory: a mailstore that cannot answer now does not refuse mail.
+        channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, recipient: rcpt.address, error: err });
+      }
+      if (answer && answer.code >= 400) throw fail(conn, answer);
+    }
     run.accepted(rcpt);
   }
 
@@ -375,7 +408,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       const problem: IngestProblem | undefined = got.problem;
       if (problem) {
         await run.abort();
-        throw fail(conn, problem === 'too-large' ? REPLIES.tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : REPLIES.bareLineEnding);
+        throw fail(conn, problem === 'too-large' ? tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : REPLIES.bareLineEnding);
       }
       if (dataReply) {
         await run.abort();
@@ -431,7 +464,15 @@ export function createGateway(options: GatewayOptions): Gateway {
         channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, error: err });
         results = envelope.recipients.map((r) => ({ recipient: r.address, status: 'deferred', reply: REPLIES.internal }));
       }
-      const summary = summarize(results, run.queueId);
+      let summary = summarize(results, run.queueId);
+      if (!summary.ok && options.queue && mixed(results)) {
+        try {
+          await options.queue.defer(envelope, state.source(), results);
+          summary = { ok: true, reply: smtpReply(250, '2.0.0', `Ok: queued as ${run.queueId}`) };
+        } catch (err) {
+          channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, error: err });
+        }
+      }
       channels.message.publish({
         sessionId: gs.facts.sessionId,
         queueId: run.queueId,
