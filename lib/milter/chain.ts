@@ -445,7 +445,7 @@ export class MessageRun {
       if (!v.failed && (v.type === 'continue' || v.type === 'accept' || v.type === 'quarantine')) {
         if (v.type === 'quarantine') rec.quarantine(v.reason);
         try {
-          await state.apply(rec.edits, s.chain.options.spool ?? {});
+          await state.apply(rec.edits, s.chain.options.spool ?? {}, m.name);
         } catch (err) {
           // An edit that cannot be applied (a replacement body stream that fails) is the milter failing.
           const failed = await s.invoke(m, 'eom', this, () => Promise.reject(err));

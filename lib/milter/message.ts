@@ -164,17 +164,21 @@ export class MessageState {
     return { size: snapshot.size, stream: () => snapshot.stream() };
   }
 
-  /** Applies one milter's edits, in the order it made them. */
-  async apply(edits: readonly MessageEdit[], spoolOptions: SpoolOptions): Promise<void> {
+  /** Applies one milter's edits, in the order it made them; `origin` names that milter on the headers it writes. */
+  async apply(edits: readonly MessageEdit[], spoolOptions: SpoolOptions, origin?: string): Promise<void> {
     const bodies: (Buffer | Readable)[] = [];
+    const header = (name: string, value: string): StoredHeader => {
+      const h = formatHeader(name, value);
+      return origin === undefined ? h : { ...h, origin };
+    };
     for (const e of edits) {
       switch (e.op) {
         case 'addHeader':
-          this.headers.push(formatHeader(e.name, e.value));
+          this.headers.push(header(e.name, e.value));
           break;
         case 'insertHeader': {
           const at = Math.min(e.position - 1, this.headers.length);
-          this.headers.splice(at, 0, formatHeader(e.name, e.value));
+          this.headers.splice(at, 0, header(e.name, e.value));
           break;
         }
         case 'changeHeader': {
@@ -183,9 +187,9 @@ export class MessageState {
           const at = this.headers.findIndex((h) => h.name.toLowerCase() === lower && ++seen === e.index);
           if (at >= 0) {
             if (e.value === '') this.headers.splice(at, 1);
-            else this.headers[at] = formatHeader(this.headers[at]?.name ?? e.name, e.value);
+            else this.headers[at] = header(this.headers[at]?.name ?? e.name, e.value);
           } else if (e.value !== '') {
-            this.headers.push(formatHeader(e.name, e.value));
+            this.headers.push(header(e.name, e.value));
           }
           break;
         }

@@ -57,6 +57,12 @@ export interface HeaderField {
    * passes it without SMFIP_HDR_LEADSPC), folding kept as CRLF + whitespace.
    */
   readonly value: string;
+  /**
+   * Who wrote it: undefined for a header as received from the client (and the gateway's
+   * own Received header); otherwise the name of the milter that added or last changed it.
+   * Lets a milter trust a remote filter's verdict header but not a client's forgery.
+   */
+  readonly origin?: string;
 }
 
 /** The message's spam score: milters add to it; `spamTag` reads it. */
