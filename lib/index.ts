@@ -73,3 +73,12 @@ export { DovetailError, ErrorCodes, isDovetailError } from './errors.js';
 export type { ErrorCode } from './errors.js';
 export { Channels } from './diagnostics.js';
 export type { SpoolOptions } from './smtp/spool.js';
+
+// The Sendmail milter protocol, both sides.
+export { connectMilter, POSTFIX_DEFAULT_MACROS, parseReplyCode, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MILTER_COMMAND_TIMEOUT, DEFAULT_MILTER_CONTENT_TIMEOUT } from './milter/protocol/client.js';
+export type { ConnectMilterOptions, MacroStageName } from './milter/protocol/client.js';
+export { serveMilter } from './milter/protocol/server.js';
+export type { MilterServer, ServeMilterOptions, MilterAction } from './milter/protocol/server.js';
+export { parseSocketSpec } from './milter/protocol/socket.js';
+export type { SocketSpec } from './milter/protocol/socket.js';
+export { MilterProtocolError, isMilterProtocolError } from './milter/protocol/error.js';

@@ -67,4 +67,8 @@ export interface Transport {
  */
 export interface DeferredQueue {
   defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly RecipientResult[]): Promise<void>;
+  /** Called by the gateway's listen(): load what is on disk and start retrying. */
+  start?(): Promise<void> | void;
+  /** Called by the gateway's close() after transactions in flight, before the transports close. */
+  close?(): Promise<void>;
 }

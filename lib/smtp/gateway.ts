@@ -17,9 +17,10 @@
  * - unknown: smtp-server answers unknown commands with 500 itself; the stage is reached
  *   through serveMilter only.
  *
- * What it does not do: queue. A mixed delivery result (some recipients stored, some not)
- * is answered with the worst reply so the client retries (duplicates, never loss) until
- * the durable deferred queue lands.
+ * Delivery results map to the one SMTP reply without loss: all delivered → 250; all alike
+ * → that reply; mixed → 250 once the configured DeferredQueue has the message on disk (it
+ * retries and sends DSNs), or, with no queue, the worst reply so the client retries
+ * (duplicates for those already stored, never a loss).
  */
 import { mkdir } from 'node:fs/promises';
 import os from 'node:os';
@@ -533,7 +534,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       authOptional: true,
       allowInsecureAuth: options.allowInsecureAuth ?? false,
       authMethods: ['PLAIN', 'LOGIN'],
-      hideDSN: true,
+      // DSN (RFC 3461) only with a queue: without one we could not send the notifications.
+      hideDSN: options.queue === undefined,
       hideENHANCEDSTATUSCODES: false,
       disableReverseLookup: options.resolveClientNames === false,
       socketTimeout: options.socketTimeout ?? 300_000,
@@ -605,6 +607,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     },
     async listen() {
       if (servers.length) throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'the gateway is already listening');
+      await options.queue?.start?.();
       // The default quarantine store's root must exist (maildir() never creates its root).
       if (options.quarantine === undefined) await mkdir(DEFAULT_QUARANTINE_ROOT, { recursive: true, mode: 0o700 });
       const bound: { host: string; port: number }[] = [];
@@ -649,6 +652,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       servers.length = 0;
       addresses = [];
       closing = false;
+      // The queue's retries use the transports: stop it before they close.
+      await options.queue?.close?.();
       await options.delivery.close?.();
       if (options.quarantine === undefined) await quarantineTransport.close?.();
     },
