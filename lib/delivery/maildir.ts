@@ -381,7 +381,8 @@ function uniqueName(host: string, size?: number): string {
   const sec = Math.floor(now / 1000);
   const usec = Math.min(999_999, Math.max(0, Math.floor((now - sec * 1000) * 1000)));
   deliveries += 1;
-  const base = `${sec}.M${usec}P${process.pid}Q${deliveries}.${host}`;
+  // Zero-padded microseconds, so names of one second sort in time order.
+  const base = `${sec}.M${String(usec).padStart(6, '0')}P${process.pid}Q${deliveries}.${host}`;
   return size === undefined ? base : `${base},S=${size}`;
 }
 

@@ -168,7 +168,13 @@ export async function stored(root: string, address: string): Promise<Buffer[]> {
   } catch {
     return [];
   }
-  names.sort();
+  // Maildir names start `<sec>.M<usec>P<pid>Q<n>`: order by those numbers (Q breaks ties).
+  const key = (n: string): number[] => (/^(\d+)\.M(\d+)P\d+Q(\d+)/.exec(n)?.slice(1) ?? ['0', '0', '0']).map(Number);
+  names.sort((a, b) => {
+    const x = key(a);
+    const y = key(b);
+    return (x[0]! - y[0]!) || (x[1]! - y[1]!) || (x[2]! - y[2]!);
+  });
   return Promise.all(names.map((n) => fs.readFile(path.join(dir, n))));
 }
 
