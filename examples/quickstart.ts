@@ -2,12 +2,15 @@
  * The quick start: a gateway on loopback with the default milter chain, delivering into a
  * local Maildir. `npm start` runs it; `npm run send` sends it a test message.
  *
- * The default chain grows as the bundled milters land (dovetail/milters); today it holds
- * one small in-process milter that shows the chain at work: it refuses a recipient whose
- * local part is `nobody`, adds a score entry, and stamps each message with a header.
+ * The default chain is the bundled milters that need nothing outside this machine, in the
+ * order an MX runs them — sizeLimit (at MAIL), relayControl (at RCPT: example.test is
+ * ours, nothing else is relayed), a small in-process milter that refuses `nobody@` and
+ * stamps each message, and spamTag (last, reads the score) — so the quick start works
+ * offline. dnsbl and mailAuth need DNS: examples/mx-gateway.ts runs all five.
  */
 import path from 'node:path';
 import { createGateway, defineMilter, maildir, reject, type Gateway, type Milter } from '../lib/index.js';
+import { relayControl, sizeLimit, spamTag } from '../milters/index.js';
 
 /** A small milter for the quick start: refuses nobody@…, stamps every message. */
 export const stamp = defineMilter({
@@ -16,14 +19,19 @@ export const stamp = defineMilter({
     if (rcpt.address.toLowerCase().startsWith('nobody@')) return reject(550, '5.1.1', `<${rcpt.address}>: Recipient address rejected: no such user`);
   },
   async eom(ctx) {
-    ctx.score.add(0, 'DOVETAIL_QUICKSTART');
+    ctx.score.add(0.1, 'DOVETAIL_QUICKSTART');
     ctx.message.addHeader('X-Dovetail', `checked by ${ctx.server.hostname} (queue id ${ctx.queueId}, ${ctx.client.address})`);
   },
 });
 
 /** The quick start's milter chain. */
 export function defaultChain(): Milter[] {
-  return [stamp];
+  return [
+    sizeLimit({ maxBytes: 25 * 1024 * 1024 }),
+    relayControl({ localDomains: ['example.test'] }),
+    stamp,
+    spamTag({ requiredScore: 5 }),
+  ];
 }
 
 export interface QuickstartOptions {

@@ -26,11 +26,19 @@ test('quick start: a message sent with nodemailer lands in the Maildir, stamped;
     transport.close();
     assert.deepEqual(info.accepted, ['bob@example.test']);
     assert.deepEqual(info.rejected, ['nobody@example.test']);
+    // Not our domain: the default chain is no open relay.
+    const t2 = nodemailer.createTransport({ host: '127.0.0.1', port, secure: false, ignoreTLS: true, name: 'client.example' });
+    await assert.rejects(
+      t2.sendMail({ from: 'alice@sender.example', to: 'someone@elsewhere.example', subject: 'relay?', text: 'x' }),
+      (err: { response?: string }) => /^554 5\.7\.1 <someone@elsewhere\.example>: Relay access denied/.test(err.response ?? ''),
+    );
+    t2.close();
     const newDir = path.join(root, 'bob@example.test', 'new');
     const [file] = await fs.readdir(newDir);
     const stored = await fs.readFile(path.join(newDir, file!), 'utf8');
     assert.match(stored, /\r\nX-Dovetail: checked by mx\.dovetail\.test \(queue id [0-9A-Z]{12}, 127\.0\.0\.1\)\r\n/);
     assert.match(stored, /\r\nSubject: quick start\r\n/);
+    assert.match(stored, /\r\nX-Spam-Status: No, score=0\.1 required=5\.0 tests=DOVETAIL_QUICKSTART\r\n/);
     assert.match(stored, /\r\n\r\nhello\r?\n?$/);
   } finally {
     await gateway.close();
