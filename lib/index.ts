@@ -82,3 +82,13 @@ export type { MilterServer, ServeMilterOptions, MilterAction } from './milter/pr
 export { parseSocketSpec } from './milter/protocol/socket.js';
 export type { SocketSpec } from './milter/protocol/socket.js';
 export { MilterProtocolError, isMilterProtocolError } from './milter/protocol/error.js';
+
+// Delivery over LMTP, the embedded LMTP store, and the durable deferred queue.
+export { lmtp, DEFAULT_LMTP_TIMEOUTS } from './delivery/lmtp.js';
+export type { LmtpOptions, LmtpTimeouts, LmtpTlsOptions, LmtpTransport, LmtpPoolStats } from './delivery/lmtp.js';
+export { createLmtpServer } from './delivery/lmtp-server.js';
+export type { LmtpServerOptions, LmtpServer } from './delivery/lmtp-server.js';
+export { createQueue, QueueChannels } from './delivery/queue.js';
+export type { QueueOptions, DeliveryQueue, QueueEntry, QueuedRecipient } from './delivery/queue.js';
+export { buildDsn, notifyOf, retOf, xtextDecode } from './delivery/dsn.js';
+export type { DsnInput, DsnRecipient, DsnAction, Notify } from './delivery/dsn.js';

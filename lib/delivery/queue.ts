@@ -1,0 +1,938 @@
+/**
+ * The durable deferred queue: where the gateway puts a message whose recipients did not all
+ * end alike, so the client can be told 250 while some recipients are still to be delivered
+ * (issue 5, item 3). It keeps the message and its per-recipient state on disk, retries the
+ * deferred recipients with Postfix's backoff until a maximal lifetime, and reports failures
+ * (and, if asked, delays and successes) to the sender as RFC 3464 DSNs (./dsn.ts), which are
+ * queued and retried like any message, through the `bounce` transport.
+ *
+ * On disk (see docs/queue.md): `<dir>/tmp/` holds files being written; `<dir>/active/<id>` is
+ * a message (its bytes as received, CRLF) and `<dir>/active/<id>.json` its envelope and
+ * state. A message is written to tmp/, fsynced, hard-linked into active/ (never replacing
+ * another), and the directory is fsynced; then the envelope is written the same way and
+ * renamed into place. The envelope file is the commit record: a message file without one
+ * was never acknowledged and is deleted at start, as is everything in tmp/. State changes
+ * write a new envelope file and rename it over the old one (fsync file, rename, fsync dir).
+ *
+ * Delivery is at least once: a crash between a transport's answer and the envelope update
+ * repeats that delivery after restart (a duplicate, never a loss).
+ *
+ * It deliberately does not: route (every retry goes to `transport`, every DSN to `bounce`),
+ * rate-limit per destination (Postfix's per-destination concurrency and dead-destination
+ * cache), keep a separate "deferred" directory (active/ holds every entry; the due time is
+ * in the envelope), lock the directory against a second process (one queue per directory),
+ * or close the transports it was given (their owner does).
+ */
+import diagnostics_channel from 'node:diagnostics_channel';
+import { createReadStream } from 'node:fs';
+import { link, mkdir, open, readdir, readFile, rename, unlink } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import type { Readable } from 'node:stream';
+import { channels } from '../diagnostics.js';
+import { DovetailError, ErrorCodes } from '../errors.js';
+import type { EnvelopeAddress } from '../milter/types.js';
+import { smtpReply, type SmtpReply } from '../milter/verdict.js';
+import { newQueueId } from '../smtp/received.js';
+import { buildDsn, headerBlock, notifyOf, retOf, type DsnAction, type DsnRecipient } from './dsn.js';
+import type { DeferredQueue, DeliveryEnvelope, DeliveryStatus, MessageSource, RecipientResult, Transport } from './types.js';
+
+/** Diagnostics channels of the queue (the library never prints; subscribe to log). */
+export const QueueChannels = {
+  /** An entry was written: `{ queueId, kind, of?, sender, recipients: [{ address, status }] }`. */
+  queued: 'dovetail:queue:queued',
+  /** A delivery attempt ended: `{ queueId, kind, attempt, results, nextAttempt? }`. */
+  attempt: 'dovetail:queue:attempt',
+  /** A DSN was queued: `{ queueId (of the DSN), of, to, actions, recipients }`. */
+  dsn: 'dovetail:queue:dsn',
+  /**
+   * A report that will never be sent: `{ queueId, recipients, reason }`, reason
+   * `null-sender` (the message had the sender `<>`) or `dsn-undeliverable` (a DSN itself
+   * failed or expired: a bounce is never bounced).
+   */
+  dropped: 'dovetail:queue:dropped',
+  /** An entry left the queue: `{ queueId, reason: 'done' | 'removed' | 'rolled-back' }`. */
+  removed: 'dovetail:queue:removed',
+  /** start() loaded the queue: `{ entries, tmpRemoved, orphansRemoved, corrupt }`. */
+  loaded: 'dovetail:queue:loaded',
+} as const;
+
+const queueChannels = {
+  queued: diagnostics_channel.channel(QueueChannels.queued),
+  attempt: diagnostics_channel.channel(QueueChannels.attempt),
+  dsn: diagnostics_channel.channel(QueueChannels.dsn),
+  dropped: diagnostics_channel.channel(QueueChannels.dropped),
+  removed: diagnostics_channel.channel(QueueChannels.removed),
+  loaded: diagnostics_channel.channel(QueueChannels.loaded),
+};
+
+/** Options of {@link createQueue}. All times are in milliseconds. */
+export interface QueueOptions {
+  /** The queue directory; created (with tmp/ and active/) at start() or the first call. */
+  readonly dir: string;
+  /** Where retries of deferred recipients go (e.g. the gateway's own lmtp()). */
+  readonly transport: Transport;
+  /** Where DSNs go, addressed to the original sender (e.g. a smarthost). Default: `transport`. */
+  readonly bounce?: Transport;
+  /** Reporting-MTA and From of DSNs. Default os.hostname(). */
+  readonly hostname?: string;
+  /**
+   * Time between attempts: `min` after the first, doubling up to `max` (Postfix
+   * minimal_backoff_time 300 s, maximal_backoff_time 4000 s). Default { min: 300 000, max: 4 000 000 }.
+   */
+  readonly backoff?: { readonly min?: number; readonly max?: number };
+  /** How long a message is retried before its recipients fail (Postfix maximal_queue_lifetime). Default 5 days. */
+  readonly maxLifetime?: number;
+  /** The same for DSNs, after which they are dropped (Postfix bounce_queue_lifetime). Default 5 days. */
+  readonly bounceLifetime?: number;
+  /**
+   * Send one `Action: delayed` DSN per recipient still deferred this long after arrival
+   * (Postfix delay_warning_time). Default 0: never.
+   */
+  readonly delayWarning?: number;
+  /** The largest message returned whole in a DSN; larger ones return their headers (Postfix bounce_size_limit). Default 50 000 bytes. */
+  readonly bounceSizeLimit?: number;
+  /** Entries delivered at the same time. Default 10. */
+  readonly concurrency?: number;
+  /** The longest the retry loop sleeps before looking again. Default 60 000. */
+  readonly scanInterval?: number;
+  /** The time now, ms since the epoch. Default Date.now. */
+  readonly clock?: () => number;
+}
+
+/** One recipient of a queue entry, as list() shows it. */
+export interface QueuedRecipient {
+  readonly address: string;
+  readonly args: Readonly<Record<string, string | true>>;
+  /** `deferred` is still to be tried; `delivered` and `failed` are final. */
+  readonly status: DeliveryStatus;
+  /** Delivery attempts for this recipient, the gateway's own included. */
+  readonly attempts: number;
+  /** When it is tried next (deferred recipients only). */
+  readonly nextAttempt: Date | undefined;
+  /** The last reply for this recipient. */
+  readonly lastReply: SmtpReply | undefined;
+  /** True when it failed because the message outlived maxLifetime. */
+  readonly expired: boolean;
+}
+
+/** A queue entry, as list() shows it. */
+export interface QueueEntry {
+  readonly queueId: string;
+  /** `message`: a deferred message; `dsn`: a delivery status notification to a sender. */
+  readonly kind: 'message' | 'dsn';
+  /** For a DSN: the queue id of the message it reports on. */
+  readonly of: string | undefined;
+  readonly sender: EnvelopeAddress;
+  readonly arrival: Date;
+  readonly size: number;
+  readonly attempts: number;
+  readonly lastAttempt: Date | undefined;
+  readonly nextAttempt: Date | undefined;
+  readonly lastReply: SmtpReply | undefined;
+  readonly recipients: readonly QueuedRecipient[];
+  /** True while a delivery attempt runs. */
+  readonly inFlight: boolean;
+}
+
+/** The durable deferred queue (give it to the gateway as `queue`). */
+export interface DeliveryQueue extends DeferredQueue {
+  /** The queue directory (absolute). */
+  readonly dir: string;
+  /**
+   * Makes the message and its per-recipient state durable, queues DSNs for the `failed`
+   * recipients, and resolves; rejects when any of that could not be written (the gateway
+   * then answers 4xx, not 250).
+   */
+  defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly RecipientResult[]): Promise<void>;
+  /** Loads the queue from disk (recovering from a crash) and starts the retry loop. */
+  start(): Promise<void>;
+  /** Stops starting attempts (those in flight finish); start() resumes. */
+  stop(): void;
+  /** Stops the loop and waits for the attempts in flight; defer() rejects afterwards. */
+  close(): Promise<void>;
+  /** What is queued, oldest first. */
+  list(): Promise<QueueEntry[]>;
+  /**
+   * Attempts one entry (or every entry) now, whatever its next attempt time, and resolves
+   * once those attempts are done; resolves with the number of entries attempted.
+   */
+  retryNow(queueId?: string): Promise<number>;
+  /** Deletes an entry without any DSN (postsuper -d); false when there is none. */
+  remove(queueId: string): Promise<boolean>;
+}
+
+const DEFAULTS = {
+  backoffMin: 300_000,
+  backoffMax: 4_000_000,
+  lifetime: 5 * 24 * 3600_000,
+  bounceSizeLimit: 50_000,
+  concurrency: 10,
+  scanInterval: 60_000,
+} as const;
+
+/** The most header bytes read back for a DSN. */
+const MAX_HEADER_BYTES = 1024 * 1024;
+const LOCAL_ERROR = smtpReply(451, '4.3.0', 'Error: queue delivery failed, will retry');
+
+// ---- what is stored ---------------------------------------------------------------------
+
+interface StoredReply {
+  code: number;
+  enhanced: string;
+  lines: string[];
+}
+
+interface StoredRecipient {
+  address: string;
+  args: Record<string, string | true>;
+  status: DeliveryStatus;
+  attempts: number;
+  reply: StoredReply | null;
+  expired?: boolean;
+  /** DSN actions already queued (or decided against) for this recipient. */
+  reported: DsnAction[];
+}
+
+/** The envelope file `<id>.json`. */
+interface StoredEntry {
+  version: 1;
+  id: string;
+  kind: 'message' | 'dsn';
+  of?: string;
+  sender: { address: string; args: Record<string, string | true> };
+  arrival: number;
+  size: number;
+  attempts: number;
+  lastAttempt: number | null;
+  nextAttempt: number;
+  lastReply: StoredReply | null;
+  recipients: StoredRecipient[];
+}
+
+interface Entry {
+  stored: StoredEntry;
+  flight: Promise<void> | undefined;
+  removed: boolean;
+}
+
+const QUEUE_ID = /^[0-9A-Za-z]{1,64}$/;
+
+function storeReply(r: SmtpReply): StoredReply {
+  return { code: r.code, enhanced: r.enhanced, lines: [...r.lines] };
+}
+
+function loadReply(r: StoredReply | null): SmtpReply | undefined {
+  return r ? Object.freeze({ code: r.code, enhanced: r.enhanced, lines: Object.freeze([...r.lines]) }) : undefined;
+}
+
+function isArgs(v: unknown): v is Record<string, string | true> {
+  return typeof v === 'object' && v !== null && Object.values(v).every((x) => typeof x === 'string' || x === true);
+}
+
+function isReply(v: unknown): v is StoredReply | null {
+  if (v === null) return true;
+  const r = v as StoredReply;
+  return typeof r === 'object' && Number.isInteger(r.code) && typeof r.enhanced === 'string' && Array.isArray(r.lines) && r.lines.every((l) => typeof l === 'string');
+}
+
+/** Parses and checks an envelope file; undefined when it is not one. */
+function parseStored(text: string, id: string): StoredEntry | undefined {
+  let v: StoredEntry;
+  try {
+    v = JSON.parse(text) as StoredEntry;
+  } catch {
+    return undefined;
+  }
+  const statuses: string[] = ['delivered', 'deferred', 'failed'];
+  const ok =
+    typeof v === 'object' &&
+    v !== null &&
+    v.version === 1 &&
+    v.id === id &&
+    (v.kind === 'message' || v.kind === 'dsn') &&
+    typeof v.sender?.address === 'string' &&
+    isArgs(v.sender.args) &&
+    [v.arrival, v.size, v.attempts, v.nextAttempt].every((n) => typeof n === 'number' && Number.isFinite(n)) &&
+    (v.lastAttempt === null || typeof v.lastAttempt === 'number') &&
+    isReply(v.lastReply) &&
+    Array.isArray(v.recipients) &&
+    v.recipients.every(
+      (r) =>
+        typeof r?.address === 'string' &&
+        isArgs(r.args) &&
+        statuses.includes(r.status) &&
+        typeof r.attempts === 'number' &&
+        isReply(r.reply) &&
+        Array.isArray(r.reported),
+    );
+  return ok ? v : undefined;
+}
+
+// ---- small file helpers -----------------------------------------------------------------
+
+function errno(err: unknown): string | undefined {
+  const code = typeof err === 'object' && err !== null ? (err as { code?: unknown }).code : undefined;
+  return typeof code === 'string' ? code : undefined;
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+async function writeAll(fh: FileHandle, buf: Buffer): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesWritten } = await fh.write(buf, off, buf.length - off);
+    off += bytesWritten;
+  }
+}
+
+/** Writes a new file exclusively (0600), fsyncs and closes it; removes it on any failure. Returns the bytes written. */
+async function writeFileDurably(file: string, content: Buffer | (() => Readable)): Promise<number> {
+  const fh = await open(file, 'wx', 0o600);
+  let size = 0;
+  try {
+    if (Buffer.isBuffer(content)) {
+      await writeAll(fh, content);
+      size = content.length;
+    } else {
+      const stream = content();
+      try {
+        for await (const chunk of stream as AsyncIterable<unknown>) {
+          const buf = typeof chunk === 'string' ? Buffer.from(chunk, 'utf8') : Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk as Uint8Array);
+          await writeAll(fh, buf);
+          size += buf.length;
+        }
+      } finally {
+        stream.destroy();
+      }
+    }
+    await fh.sync();
+  } catch (err) {
+    await fh.close().catch(() => {});
+    await unlink(file).catch(() => {});
+    throw err;
+  }
+  try {
+    await fh.close();
+  } catch (err) {
+    await unlink(file).catch(() => {});
+    throw err;
+  }
+  return size;
+}
+
+async function unlinkIfThere(file: string): Promise<void> {
+  try {
+    await unlink(file);
+  } catch (err) {
+    if (errno(err) !== 'ENOENT') throw err;
+  }
+}
+
+/** Reads up to `max` bytes from the start of a file. */
+async function readHead(file: string, max: number): Promise<Buffer> {
+  const fh = await open(file, 'r');
+  try {
+    const buf = Buffer.alloc(max);
+    let got = 0;
+    while (got < max) {
+      const { bytesRead } = await fh.read(buf, got, max - got, got);
+      if (bytesRead === 0) break;
+      got += bytesRead;
+    }
+    return buf.subarray(0, got);
+  } finally {
+    await fh.close();
+  }
+}
+
+class IdTaken extends Error {}
+
+function bad(why: string): never {
+  throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `createQueue(): ${why}`);
+}
+
+function checkOptions(o: QueueOptions): void {
+  if (typeof o !== 'object' || o === null) bad('needs an options object');
+  if (typeof o.dir !== 'string' || o.dir === '' || o.dir.includes('\0')) bad('dir must be a non-empty path');
+  if (typeof o.transport?.deliver !== 'function') bad('transport must be a transport');
+  if (o.bounce !== undefined && typeof o.bounce.deliver !== 'function') bad('bounce must be a transport');
+  if (o.hostname !== undefined && (typeof o.hostname !== 'string' || !/^[^\s\x00-\x1f\x7f]+$/.test(o.hostname))) bad('hostname must be a host name');
+  if (o.clock !== undefined && typeof o.clock !== 'function') bad('clock must be a function');
+  const ms = (name: string, v: unknown, min: number): void => {
+    if (v !== undefined && !(typeof v === 'number' && Number.isSafeInteger(v) && v >= min)) bad(`${name} must be an integer >= ${min}`);
+  };
+  ms('backoff.min', o.backoff?.min, 1);
+  ms('backoff.max', o.backoff?.max, 1);
+  if ((o.backoff?.max ?? DEFAULTS.backoffMax) < (o.backoff?.min ?? DEFAULTS.backoffMin)) bad('backoff.max must not be below backoff.min');
+  ms('maxLifetime', o.maxLifetime, 0);
+  ms('bounceLifetime', o.bounceLifetime, 0);
+  ms('delayWarning', o.delayWarning, 0);
+  ms('bounceSizeLimit', o.bounceSizeLimit, 0);
+  ms('concurrency', o.concurrency, 1);
+  ms('scanInterval', o.scanInterval, 1);
+}
+
+/**
+ * Creates the durable deferred queue. Pass it to createGateway({ queue }) and call start()
+ * (and close() at shutdown). Every file operation that acknowledges something (defer(), a
+ * state change, a DSN) is fsynced before the promise resolves.
+ *
+ * @throws DovetailError `DOVETAIL_ERR_INVALID_OPTIONS` when the options are malformed.
+ */
+export function createQueue(options: QueueOptions): DeliveryQueue {
+  checkOptions(options);
+  const dir = path.resolve(options.dir);
+  const tmpDir = path.join(dir, 'tmp');
+  const activeDir = path.join(dir, 'active');
+  const corruptDir = path.join(dir, 'corrupt');
+  const transport = options.transport;
+  const bounce = options.bounce ?? options.transport;
+  const hostname = options.hostname ?? os.hostname();
+  const backoffMin = options.backoff?.min ?? DEFAULTS.backoffMin;
+  const backoffMax = options.backoff?.max ?? DEFAULTS.backoffMax;
+  const maxLifetime = options.maxLifetime ?? DEFAULTS.lifetime;
+  const bounceLifetime = options.bounceLifetime ?? DEFAULTS.lifetime;
+  const delayWarning = options.delayWarning ?? 0;
+  const bounceSizeLimit = options.bounceSizeLimit ?? DEFAULTS.bounceSizeLimit;
+  const concurrency = options.concurrency ?? DEFAULTS.concurrency;
+  const scanInterval = options.scanInterval ?? DEFAULTS.scanInterval;
+  const clock = options.clock ?? Date.now;
+
+  const entries = new Map<string, Entry>();
+  /** Ids whose files are being written by defer() or a DSN: start()'s recovery leaves them alone. */
+  const writing = new Set<string>();
+  let loading: Promise<void> | undefined;
+  let running = false;
+  let closed = false;
+  let timer: NodeJS.Timeout | undefined;
+  let active = 0;
+  let tmpCounter = 0;
+
+  const msgPath = (id: string): string => path.join(activeDir, id);
+  const envPath = (id: string): string => path.join(activeDir, `${id}.json`);
+  const tmpPath = (id: string, what: string): string => path.join(tmpDir, `${id}.${what}.${process.pid}.${++tmpCounter}`);
+
+  /** Postfix-style backoff after `attempts` attempts: min, 2·min, 4·min … up to max. */
+  function backoff(attempts: number): number {
+    const n = Math.max(0, attempts - 1);
+    return n >= 52 ? backoffMax : Math.min(backoffMax, backoffMin * 2 ** n);
+  }
+
+  const lifetimeOf = (s: StoredEntry): number => (s.kind === 'dsn' ? bounceLifetime : maxLifetime);
+  const pending = (s: StoredEntry): number => s.recipients.filter((r) => r.status === 'deferred').length;
+
+  // ---- loading and recovery -------------------------------------------------------------
+
+  function ready(): Promise<void> {
+    if (!loading) {
+      const p = load();
+      loading = p;
+      p.catch(() => {
+        if (loading === p) loading = undefined;
+      });
+    }
+    return loading;
+  }
+
+  async function load(): Promise<void> {
+    await mkdir(tmpDir, { recursive: true, mode: 0o700 });
+    await mkdir(activeDir, { recursive: true, mode: 0o700 });
+    const owned = (name: string): boolean => writing.has(name.split('.')[0] ?? '');
+    // tmp/: half-written files of a crashed process; nothing there was acknowledged.
+    let tmpRemoved = 0;
+    for (const name of await readdir(tmpDir)) {
+      if (owned(name)) continue;
+      await unlinkIfThere(path.join(tmpDir, name));
+      tmpRemoved++;
+    }
+    const names = new Set(await readdir(activeDir));
+    let orphansRemoved = 0;
+    let corrupt = 0;
+    const loaded: Entry[] = [];
+    for (const name of names) {
+      if (name.endsWith('.json')) {
+        const id = name.slice(0, -5);
+        if (entries.has(id) || writing.has(id)) continue;
+        const stored = parseStored(await readFile(path.join(activeDir, name), 'utf8'), id);
+        if (!stored || !names.has(id)) {
+          // Cannot be delivered: keep it aside for a person to look at, and say so.
+          await mkdir(corruptDir, { recursive: true, mode: 0o700 });
+          await rename(path.join(activeDir, name), path.join(corruptDir, name));
+          if (names.has(id)) await rename(msgPath(id), path.join(corruptDir, id));
+          corrupt++;
+          channels.error.publish({
+            queueId: id,
+            error: new DovetailError(ErrorCodes.DELIVERY_FAILED, `queue entry ${id} is ${stored ? 'missing its message' : 'unreadable'}; moved to ${corruptDir}`),
+          });
+          continue;
+        }
+        loaded.push({ stored, flight: undefined, removed: false });
+      } else if (!names.has(`${name}.json`) && !entries.has(name) && !writing.has(name)) {
+        // A message whose envelope was never committed: never acknowledged (or already done).
+        await unlinkIfThere(path.join(activeDir, name));
+        orphansRemoved++;
+      }
+    }
+    if (tmpRemoved + orphansRemoved + corrupt > 0) await syncDir(activeDir);
+    loaded.sort((a, b) => a.stored.arrival - b.stored.arrival);
+    for (const e of loaded) entries.set(e.stored.id, e);
+    queueChannels.loaded.publish({ entries: loaded.length, tmpRemoved, orphansRemoved, corrupt });
+  }
+
+  // ---- writing entries --------------------------------------------------------------------
+
+  async function writeEnvelope(stored: StoredEntry): Promise<void> {
+    const tmp = tmpPath(stored.id, 'json');
+    await writeFileDurably(tmp, Buffer.from(JSON.stringify(stored, null, 1) + '\n', 'utf8'));
+    try {
+      await rename(tmp, envPath(stored.id));
+    } catch (err) {
+      await unlinkIfThere(tmp).catch(() => {});
+      throw err;
+    }
+    await syncDir(activeDir);
+  }
+
+  /**
+   * Commits a new entry: the message into active/<id> (link, so an existing entry is never
+   * replaced), then its envelope. Throws IdTaken when the id is in use.
+   */
+  async function writeNew(stored: StoredEntry, content: Buffer | (() => Readable), expectedSize: number): Promise<void> {
+    const id = stored.id;
+    const tmp = path.join(tmpDir, id);
+    let size: number;
+    try {
+      size = await writeFileDurably(tmp, content);
+    } catch (err) {
+      if (errno(err) === 'EEXIST') throw new IdTaken();
+      throw err;
+    }
+    try {
+      if (size !== expectedSize) {
+        throw new DovetailError(ErrorCodes.DELIVERY_FAILED, `the message stream gave ${size} bytes, not the announced ${expectedSize}`);
+      }
+      try {
+        await link(tmp, msgPath(id));
+      } catch (err) {
+        if (errno(err) === 'EEXIST') throw new IdTaken();
+        throw err;
+      }
+    } finally {
+      await unlinkIfThere(tmp).catch(() => {});
+    }
+    try {
+      await syncDir(activeDir);
+      await writeEnvelope(stored);
+    } catch (err) {
+      await unlinkIfThere(msgPath(id)).catch(() => {});
+      throw err;
+    }
+  }
+
+  /** Writes a new entry under `preferred` if it is free, else under a fresh id; returns the entry. */
+  async function commitNew(preferred: string | undefined, make: (id: string) => StoredEntry, content: Buffer | (() => Readable), size: number): Promise<Entry> {
+    let id = preferred !== undefined && QUEUE_ID.test(preferred) ? preferred : newQueueId();
+    for (let attempt = 1; ; attempt++) {
+      if (!entries.has(id) && !writing.has(id)) {
+        writing.add(id);
+        const stored = make(id);
+        try {
+          await writeNew(stored, content, size);
+          const entry: Entry = { stored, flight: undefined, removed: false };
+          entries.set(id, entry);
+          queueChannels.queued.publish({
+            queueId: id,
+            kind: stored.kind,
+            ...(stored.of !== undefined ? { of: stored.of } : {}),
+            sender: stored.sender.address,
+            recipients: stored.recipients.map((r) => ({ address: r.address, status: r.status })),
+          });
+          return entry;
+        } catch (err) {
+          if (!(err instanceof IdTaken) || attempt >= 5) throw err instanceof IdTaken ? new DovetailError(ErrorCodes.DELIVERY_FAILED, 'no free queue id') : err;
+        } finally {
+          writing.delete(id);
+        }
+      }
+      id = newQueueId();
+    }
+  }
+
+  /** Removes an entry's files: the envelope first (the commit record), then the message. */
+  async function dropFiles(id: string): Promise<void> {
+    await unlinkIfThere(envPath(id));
+    await syncDir(activeDir);
+    await unlinkIfThere(msgPath(id));
+  }
+
+  // ---- DSNs -------------------------------------------------------------------------------
+
+  /** The DSN actions a recipient still needs, given the state and the time. */
+  function needed(s: StoredEntry, r: StoredRecipient, now: number): DsnAction | undefined {
+    const notify = notifyOf(r.args);
+    if (r.status === 'failed' && !r.reported.includes('failed')) return notify.failure ? 'failed' : undefined;
+    if (r.status === 'delivered' && !r.reported.includes('delivered')) return notify.success ? 'delivered' : undefined;
+    if (
+      r.status === 'deferred' &&
+      delayWarning > 0 &&
+      now - s.arrival >= delayWarning &&
+      notify.delay &&
+      !r.reported.includes('delayed') &&
+      !r.reported.includes('failed')
+    ) {
+      return 'delayed';
+    }
+    return undefined;
+  }
+
+  const needsReport = (s: StoredEntry, now: number): boolean => s.recipients.some((r) => needed(s, r, now) !== undefined);
+
+  /**
+   * Queues the DSN an entry needs (one message for all its recipients to report), durably,
+   * then records that in the entry's envelope. For the null sender, and for a DSN itself,
+   * nothing is sent and the drop is published instead.
+   */
+  async function report(entry: Entry): Promise<void> {
+    const s = entry.stored;
+    const now = clock();
+    const due = s.recipients.map((r) => needed(s, r, now));
+    if (due.every((a) => a === undefined)) return;
+    const next: StoredEntry = structuredClone(s);
+    const reporting = next.recipients.flatMap((r, i) => {
+      const action = due[i];
+      if (action === undefined) return [];
+      r.reported.push(action);
+      return [{ r, action }];
+    });
+    if (s.kind === 'dsn' || s.sender.address === '') {
+      const failed = reporting.filter((x) => x.action === 'failed');
+      if (failed.length > 0) {
+        queueChannels.dropped.publish({
+          queueId: s.id,
+          recipients: failed.map(({ r }) => ({ address: r.address, reply: loadReply(r.reply) })),
+          reason: s.kind === 'dsn' ? 'dsn-undeliverable' : 'null-sender',
+        });
+      }
+    } else {
+      const recipients: DsnRecipient[] = reporting.map(({ r, action }) => ({
+        address: r.address,
+        args: r.args,
+        action,
+        reply: loadReply(r.reply) ?? LOCAL_ERROR,
+        ...(s.lastAttempt !== null ? { lastAttempt: s.lastAttempt } : {}),
+        ...(action === 'delayed' ? { willRetryUntil: s.arrival + maxLifetime } : {}),
+        ...(r.expired ? { expired: true } : {}),
+      }));
+      const ret = retOf(s.sender.args);
+      const wantFull = ret === 'FULL' || (ret === undefined && recipients.some((r) => r.action === 'failed'));
+      const whole = wantFull && s.size <= bounceSizeLimit;
+      const head = await readHead(msgPath(s.id), whole ? s.size : Math.min(s.size, MAX_HEADER_BYTES));
+      const dsn = buildDsn({
+        reportingMta: hostname,
+        queueId: s.id,
+        sender: s.sender,
+        arrival: s.arrival,
+        date: now,
+        recipients,
+        headers: headerBlock(head),
+        ...(whole ? { full: head } : {}),
+      });
+      const dsnEntry = await commitNew(
+        undefined,
+        (id) => ({
+          version: 1,
+          id,
+          kind: 'dsn',
+          of: s.id,
+          sender: { address: '', args: {} },
+          arrival: now,
+          size: dsn.length,
+          attempts: 0,
+          lastAttempt: null,
+          nextAttempt: now,
+          lastReply: null,
+          recipients: [{ address: s.sender.address, args: {}, status: 'deferred', attempts: 0, reply: null, reported: [] }],
+        }),
+        dsn,
+        dsn.length,
+      );
+      queueChannels.dsn.publish({
+        queueId: dsnEntry.stored.id,
+        of: s.id,
+        to: s.sender.address,
+        actions: [...new Set(recipients.map((r) => r.action))],
+        recipients: recipients.map((r) => r.address),
+      });
+    }
+    await writeEnvelope(next);
+    entry.stored = next;
+  }
+
+  // ---- delivery attempts ------------------------------------------------------------------
+
+  async function attempt(entry: Entry): Promise<void> {
+    const s = entry.stored;
+    const indexes = s.recipients.flatMap((r, i) => (r.status === 'deferred' ? [i] : []));
+    const envelope: DeliveryEnvelope = {
+      queueId: s.id,
+      sender: { address: s.sender.address, args: s.sender.args },
+      recipients: indexes.map((i) => ({ address: s.recipients[i]!.address, args: s.recipients[i]!.args })),
+    };
+    const source: MessageSource = { size: s.size, stream: () => createReadStream(msgPath(s.id)) };
+    const via = s.kind === 'dsn' ? bounce : transport;
+    let results: readonly RecipientResult[];
+    try {
+      results = await via.deliver(envelope, source);
+      if (!Array.isArray(results) || results.length !== indexes.length) {
+        throw new DovetailError(ErrorCodes.DELIVERY_FAILED, `transport ${via.name} returned ${Array.isArray(results) ? results.length : 'no'} results for ${indexes.length} recipients`);
+      }
+    } catch (error) {
+      channels.error.publish({ queueId: s.id, error });
+      results = indexes.map((i) => ({ recipient: s.recipients[i]!.address, status: 'deferred', reply: LOCAL_ERROR }));
+    }
+    const now = clock();
+    const next: StoredEntry = structuredClone(s);
+    next.attempts++;
+    next.lastAttempt = now;
+    const expired = now - s.arrival >= lifetimeOf(s);
+    indexes.forEach((i, k) => {
+      const res = results[k];
+      const r = next.recipients[i]!;
+      r.attempts++;
+      const status: DeliveryStatus = res && (res.status === 'delivered' || res.status === 'failed') ? res.status : 'deferred';
+      const reply = res && typeof res.reply?.code === 'number' ? res.reply : LOCAL_ERROR;
+      r.reply = storeReply(reply);
+      if (status !== 'delivered') next.lastReply = storeReply(reply);
+      if (status === 'deferred' && expired) {
+        r.status = 'failed';
+        r.expired = true;
+      } else {
+        r.status = status;
+      }
+    });
+    next.nextAttempt = now + backoff(next.attempts);
+    await writeEnvelope(next);
+    entry.stored = next;
+    queueChannels.attempt.publish({
+      queueId: s.id,
+      kind: s.kind,
+      attempt: next.attempts,
+      results: indexes.map((i) => ({ address: next.recipients[i]!.address, status: next.recipients[i]!.status, reply: loadReply(next.recipients[i]!.reply), expired: next.recipients[i]!.expired === true })),
+      ...(pending(next) > 0 ? { nextAttempt: next.nextAttempt } : {}),
+    });
+  }
+
+  /** Everything an entry needs now: pending reports, an attempt if due (or forced), removal when done. */
+  async function work(entry: Entry, force: boolean): Promise<void> {
+    if (entry.removed) return;
+    await report(entry);
+    if (pending(entry.stored) > 0 && (force || entry.stored.nextAttempt <= clock())) {
+      await attempt(entry);
+      await report(entry);
+    }
+    if (pending(entry.stored) === 0 && !entry.removed) {
+      await dropFiles(entry.stored.id);
+      entries.delete(entry.stored.id);
+      queueChannels.removed.publish({ queueId: entry.stored.id, reason: 'done' });
+    }
+  }
+
+  function launch(entry: Entry, force: boolean): Promise<void> {
+    active++;
+    const flight = work(entry, force)
+      .catch((error: unknown) => {
+        // A file operation failed (disk full …): the entry keeps its last durable state
+        // and is looked at again after the minimal backoff.
+        channels.error.publish({ queueId: entry.stored.id, error });
+        entry.stored = { ...entry.stored, nextAttempt: clock() + backoffMin };
+      })
+      .finally(() => {
+        active--;
+        if (entry.flight === flight) entry.flight = undefined;
+        schedule();
+      });
+    entry.flight = flight;
+    return flight;
+  }
+
+  const wantsWork = (e: Entry, now: number): boolean =>
+    !e.flight && !e.removed && (pending(e.stored) === 0 || e.stored.nextAttempt <= now || needsReport(e.stored, now));
+
+  function tick(): void {
+    timer = undefined;
+    if (!running) return;
+    const now = clock();
+    for (const e of entries.values()) {
+      if (active >= concurrency) break;
+      if (wantsWork(e, now)) void launch(e, false);
+    }
+    schedule();
+  }
+
+  function schedule(): void {
+    if (!running) return;
+    if (timer) clearTimeout(timer);
+    const now = clock();
+    let wait = scanInterval;
+    if (active < concurrency) {
+      for (const e of entries.values()) {
+        if (e.flight || e.removed) continue;
+        wait = Math.min(wait, wantsWork(e, now) ? 0 : e.stored.nextAttempt - now);
+        if (delayWarning > 0) wait = Math.min(wait, Math.max(0, e.stored.arrival + delayWarning - now));
+      }
+    }
+    timer = setTimeout(tick, Math.max(0, wait));
+  }
+
+  function view(e: Entry): QueueEntry {
+    const s = e.stored;
+    const next = pending(s) > 0 ? new Date(s.nextAttempt) : undefined;
+    return {
+      queueId: s.id,
+      kind: s.kind,
+      of: s.of,
+      sender: { address: s.sender.address, args: { ...s.sender.args } },
+      arrival: new Date(s.arrival),
+      size: s.size,
+      attempts: s.attempts,
+      lastAttempt: s.lastAttempt === null ? undefined : new Date(s.lastAttempt),
+      nextAttempt: next,
+      lastReply: loadReply(s.lastReply),
+      inFlight: e.flight !== undefined,
+      recipients: s.recipients.map((r) => ({
+        address: r.address,
+        args: { ...r.args },
+        status: r.status,
+        attempts: r.attempts,
+        nextAttempt: r.status === 'deferred' ? next : undefined,
+        lastReply: loadReply(r.reply),
+        expired: r.expired === true,
+      })),
+    };
+  }
+
+  // ---- the API ----------------------------------------------------------------------------
+
+  async function defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly RecipientResult[]): Promise<void> {
+    if (closed) throw new DovetailError(ErrorCodes.DELIVERY_FAILED, 'the queue is closed');
+    if (results.length !== envelope.recipients.length) {
+      throw new DovetailError(ErrorCodes.DELIVERY_FAILED, `defer(): ${results.length} results for ${envelope.recipients.length} recipients`);
+    }
+    await ready();
+    const now = clock();
+    const recipients: StoredRecipient[] = envelope.recipients.map((rcpt, i) => {
+      const res = results[i]!;
+      const status: DeliveryStatus = res.status === 'delivered' || res.status === 'failed' ? res.status : 'deferred';
+      return { address: rcpt.address, args: { ...rcpt.args }, status, attempts: 1, reply: storeReply(res.reply), reported: [] };
+    });
+    const stub: StoredEntry = {
+      version: 1,
+      id: '',
+      kind: 'message',
+      sender: { address: envelope.sender.address, args: { ...envelope.sender.args } },
+      arrival: now,
+      size: message.size,
+      attempts: 1,
+      lastAttempt: now,
+      nextAttempt: now + backoff(1),
+      lastReply: null,
+      recipients,
+    };
+    const worst = results.find((r) => r.status === 'deferred') ?? results.find((r) => r.status === 'failed');
+    stub.lastReply = worst ? storeReply(worst.reply) : null;
+    // Nothing to keep: every recipient delivered and none asked to hear about it.
+    if (pending(stub) === 0 && !needsReport(stub, now)) return;
+
+    const entry = await commitNew(envelope.queueId, (id) => ({ ...stub, id }), () => message.stream(), message.size);
+    // The loop leaves the entry alone until its DSNs are queued.
+    let settle!: () => void;
+    entry.flight = new Promise<void>((resolve) => (settle = resolve));
+    try {
+      await report(entry);
+      if (pending(entry.stored) === 0) {
+        await dropFiles(entry.stored.id);
+        entries.delete(entry.stored.id);
+        queueChannels.removed.publish({ queueId: entry.stored.id, reason: 'done' });
+      }
+    } catch (err) {
+      // Not acknowledged: take it back, so the client's retry does not deliver twice.
+      entry.removed = true;
+      entries.delete(entry.stored.id);
+      await dropFiles(entry.stored.id).catch(() => {});
+      queueChannels.removed.publish({ queueId: entry.stored.id, reason: 'rolled-back' });
+      throw err;
+    } finally {
+      entry.flight = undefined;
+      settle();
+      schedule();
+    }
+  }
+
+  function stop(): void {
+    running = false;
+    if (timer) clearTimeout(timer);
+    timer = undefined;
+  }
+
+  return {
+    dir,
+    defer,
+    async start() {
+      if (closed) throw new DovetailError(ErrorCodes.DELIVERY_FAILED, 'the queue is closed');
+      await ready();
+      running = true;
+      schedule();
+    },
+    stop,
+    async close() {
+      closed = true;
+      stop();
+      for (;;) {
+        const flights = [...entries.values()].flatMap((e) => (e.flight ? [e.flight] : []));
+        if (flights.length === 0 && active === 0) break;
+        await Promise.allSettled(flights);
+        if (flights.length === 0) await new Promise((r) => setImmediate(r));
+      }
+    },
+    async list() {
+      await ready();
+      return [...entries.values()].filter((e) => !e.removed).map(view);
+    },
+    async retryNow(queueId?: string) {
+      if (closed) throw new DovetailError(ErrorCodes.DELIVERY_FAILED, 'the queue is closed');
+      await ready();
+      const targets = queueId === undefined ? [...entries.values()] : [entries.get(queueId)].filter((e): e is Entry => e !== undefined);
+      let attempted = 0;
+      await Promise.all(
+        targets.map(async (e) => {
+          while (e.flight) await e.flight;
+          if (e.removed || !entries.has(e.stored.id)) return;
+          attempted++;
+          await launch(e, true);
+        }),
+      );
+      return attempted;
+    },
+    async remove(queueId: string) {
+      await ready();
+      const e = entries.get(queueId);
+      if (!e) return false;
+      e.removed = true;
+      while (e.flight) await e.flight;
+      if (!entries.has(queueId)) return true;
+      await dropFiles(queueId);
+      entries.delete(queueId);
+      queueChannels.removed.publish({ queueId, reason: 'removed' });
+      return true;
+    },
+  };
+}
