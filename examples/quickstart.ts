@@ -1,6 +1,8 @@
 /**
- * The quick start: a gateway on loopback with the default milter chain, delivering into a
- * local Maildir. `npm start` runs it; `npm run send` sends it a test message.
+ * The quick start: a gateway on loopback with the default milter chain, handing messages
+ * over LMTP to the embedded mailstore (Maildir), with recipients verified at RCPT and a
+ * durable deferred queue for mixed results — the Postfix → LMTP → Dovecot path with nothing
+ * outside. `npm start` runs it; `npm run send` sends it a test message.
  *
  * The default chain is the bundled milters that need nothing outside this machine, in the
  * order an MX runs them — sizeLimit (at MAIL), relayControl (at RCPT: example.test is
@@ -8,8 +10,9 @@
  * stamps each message, and spamTag (last, reads the score) — so the quick start works
  * offline. dnsbl and mailAuth need DNS: examples/mx-gateway.ts runs all five.
  */
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
-import { createGateway, defineMilter, maildir, reject, type Gateway, type Milter } from '../lib/index.js';
+import { createGateway, createLmtpServer, createQueue, defineMilter, lmtp, maildir, reject, type Gateway, type Milter } from '../lib/index.js';
 import { relayControl, sizeLimit, spamTag } from '../milters/index.js';
 
 /** A small milter for the quick start: refuses nobody@…, stamps every message. */
@@ -37,22 +40,52 @@ export function defaultChain(): Milter[] {
 export interface QuickstartOptions {
   readonly host?: string;
   readonly port?: number;
-  /** Maildir root; default ./var/mail. */
+  /** Maildir root of the embedded store; default ./var/mail. Quarantine and queue live beside it. */
   readonly root?: string;
   readonly hostname?: string;
 }
 
-/** Starts the quick-start gateway; resolves once it listens. */
-export async function startQuickstart(options: QuickstartOptions = {}): Promise<{ gateway: Gateway; host: string; port: number; root: string }> {
+export interface Quickstart {
+  readonly gateway: Gateway;
+  readonly host: string;
+  readonly port: number;
+  readonly root: string;
+  /** Where the embedded LMTP store listens. */
+  readonly lmtp: { readonly host: string; readonly port: number };
+  /** Closes the gateway (draining), its queue and pool, then the store. */
+  close(): Promise<void>;
+}
+
+/** Starts the embedded LMTP store and the quick-start gateway in front of it. */
+export async function startQuickstart(options: QuickstartOptions = {}): Promise<Quickstart> {
   const root = path.resolve(options.root ?? 'var/mail');
+  const base = path.dirname(root);
+  const hostname = options.hostname ?? 'mx.dovetail.test';
+  await mkdir(root, { recursive: true });
+  await mkdir(path.join(base, 'quarantine'), { recursive: true });
+  const store = await createLmtpServer({ root, listen: { host: '127.0.0.1', port: 0 }, unknownUser: 'accept', hostname: 'store.dovetail.test' });
+  const at = store.address as { host: string; port: number };
+  const delivery = lmtp({ host: at.host, port: at.port });
   const gateway = createGateway({
-    hostname: options.hostname ?? 'mx.dovetail.test',
+    hostname,
     listen: { host: options.host ?? '127.0.0.1', port: options.port ?? 2525 },
     milters: defaultChain(),
-    delivery: maildir({ root }),
-    quarantine: maildir({ root: path.join(path.dirname(root), 'quarantine') }),
+    delivery,
+    verifyRecipients: true,
+    queue: createQueue({ dir: path.join(base, 'queue'), transport: delivery, hostname }),
+    quarantine: maildir({ root: path.join(base, 'quarantine') }),
     resolveClientNames: false,
   });
   const [addr] = await gateway.listen();
-  return { gateway, host: addr!.host, port: addr!.port, root };
+  return {
+    gateway,
+    host: addr!.host,
+    port: addr!.port,
+    root,
+    lmtp: { host: at.host, port: at.port },
+    async close() {
+      await gateway.close();
+      await store.close();
+    },
+  };
 }

@@ -3,6 +3,7 @@
 // gateway on 127.0.0.1:2525 (HOST / PORT to change) with the default milter chain,
 // delivering into ./var/mail, and says how to send it a message.
 import { mkdirSync } from 'node:fs';
+import path from 'node:path';
 import { ensureSetup, repoRoot } from './setup.mjs';
 
 await ensureSetup();
@@ -10,17 +11,18 @@ const { startQuickstart, defaultChain } = await import(new URL('../dist/examples
 
 const root = process.env.MAIL_ROOT ?? `${repoRoot}/var/mail`;
 mkdirSync(root, { recursive: true });
-mkdirSync(`${repoRoot}/var/quarantine`, { recursive: true });
-const { gateway, host, port } = await startQuickstart({
+const qs = await startQuickstart({
   host: process.env.HOST ?? '127.0.0.1',
   port: Number(process.env.PORT ?? 2525),
   root,
 });
+const { host, port } = qs;
 
 console.log(`
 dovetail gateway listening on ${host}:${port}
   milter chain: ${defaultChain().map((m) => m.name).join(' -> ')}
-  delivery:     Maildir under ${root}/<recipient>/new/
+  delivery:     LMTP to the embedded store on ${qs.lmtp.host}:${qs.lmtp.port} (recipients verified at RCPT),
+                which writes Maildir under ${root}/<recipient>/new/; deferred queue in ${path.dirname(root)}/queue
 
 Send it a test message (in another terminal):
   npm run send -- --to bob@example.test
@@ -37,7 +39,7 @@ for (const signal of ['SIGINT', 'SIGTERM']) {
     if (stopping) process.exit(1);
     stopping = true;
     console.log('\nclosing: finishing messages in flight ...');
-    gateway.close().then(() => {
+    qs.close().then(() => {
       console.log('closed');
       process.exit(0);
     });

@@ -10,11 +10,12 @@ import path from 'node:path';
 import nodemailer from 'nodemailer';
 import { startQuickstart } from '../../examples/quickstart.js';
 
-test('quick start: a message sent with nodemailer lands in the Maildir, stamped; nobody@ is refused', async () => {
+test('quick start: a message sent with nodemailer goes over LMTP into the embedded store, stamped; nobody@ is refused', async () => {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-qs-'));
   const root = path.join(dir, 'mail');
   await fs.mkdir(root);
-  const { gateway, port } = await startQuickstart({ port: 0, root });
+  const qs = await startQuickstart({ port: 0, root });
+  const { port } = qs;
   try {
     const transport = nodemailer.createTransport({ host: '127.0.0.1', port, secure: false, ignoreTLS: true, name: 'client.example' });
     const info = await transport.sendMail({
@@ -38,10 +39,11 @@ test('quick start: a message sent with nodemailer lands in the Maildir, stamped;
     const stored = await fs.readFile(path.join(newDir, file!), 'utf8');
     assert.match(stored, /\r\nX-Dovetail: checked by mx\.dovetail\.test \(queue id [0-9A-Z]{12}, 127\.0\.0\.1\)\r\n/);
     assert.match(stored, /\r\nSubject: quick start\r\n/);
+    assert.match(stored, /^Return-Path: <alice@sender\.example>\r\n/);
     assert.match(stored, /\r\nX-Spam-Status: No, score=0\.1 required=5\.0 tests=DOVETAIL_QUICKSTART\r\n/);
     assert.match(stored, /\r\n\r\nhello\r?\n?$/);
   } finally {
-    await gateway.close();
+    await qs.close();
     await fs.rm(dir, { recursive: true, force: true });
   }
 });
