@@ -6,7 +6,9 @@
  * 2. gateway → remote milter, messages/s over reused SMTP connections: the gateway with
  *    connectMilter() in front of the python3-milter reference filter in `minimal` mode
  *    (real C libmilter; continue everywhere, one added header at eom), next to the same
- *    gateway with no milter and with an in-process milter doing the same work, in one run,
+ *    gateway with no milter, with an in-process milter doing the same work, and with
+ *    connectMilter() in front of OUR serveMilter() serving that same in-process milter
+ *    (so our server is measured against libmilter doing the same work), in one run,
  *    ratios taken against the no-milter gateway.
  *
  *   npm run build && node dist/bench/milter-client.js [--connections=8] [--messages=200] [--rounds=3]
@@ -21,6 +23,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { createGateway, defineMilter, type Milter } from '../lib/index.js';
 import { connectMilter } from '../lib/milter/protocol/client.js';
+import { serveMilter } from '../lib/milter/protocol/server.js';
 import { decodeCommand, encodeCommand, FrameDecoder } from '../lib/milter/protocol/index.js';
 import { startReferenceFilter } from '../test/helpers/libmilter.js';
 import { nullTransport } from './null-transport.js';
@@ -148,11 +151,18 @@ async function main(): Promise<void> {
         ctx.message.addHeader('X-Bench', 'yes');
       },
     });
+    // The same work served by our own milter server, over TCP and over a unix socket.
+    const served = await serveMilter(inProcess, { listen: 'inet:127.0.0.1:0' });
+    const servedUnix = await serveMilter(inProcess, { listen: `unix:${path.join(dir, 'served.sock')}` });
     const results = [];
     results.push(await target('gateway (no milter)', []));
     results.push(await target('gateway + in-process milter', [inProcess]));
     results.push(await target('gateway + connectMilter → libmilter, inet (loopback TCP)', [connectMilter(filter.spec, { name: 'libmilter' })]));
     results.push(await target('gateway + connectMilter → libmilter, unix socket', [connectMilter(unixFilter.spec, { name: 'libmilter' })]));
+    results.push(await target('gateway + connectMilter → serveMilter, inet (loopback TCP)', [connectMilter(served.address, { name: 'served' })]));
+    results.push(await target('gateway + connectMilter → serveMilter, unix socket', [connectMilter(servedUnix.address, { name: 'served' })]));
+    await served.close();
+    await servedUnix.close();
     const base = spread(results[0]!.rates).median;
     console.log(`\n${CONNECTIONS} connections × ${MESSAGES} messages × ${ROUNDS} rounds (node ${process.version})`);
     for (const r of results) {
