@@ -13,7 +13,7 @@ import type { Readable } from 'node:stream';
 import Headers from 'mailsplit/lib/headers.js';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import type { HeaderField } from '../milter/types.js';
-import { Spool, type SpoolOptions } from './spool.js';
+import { drained, Spool, type SpoolOptions } from './spool.js';
 
 /** Options of {@link ingest}. */
 export interface IngestOptions {
@@ -397,21 +397,6 @@ function toBuffer(chunk: Buffer | Uint8Array | string): Buffer {
   return Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
 }
 
-/** Resolves on 'drain', or when the spool errors or closes (the error is recorded elsewhere). */
-function drained(spool: Spool): Promise<void> {
-  if (spool.destroyed) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = (): void => {
-      spool.off('drain', done);
-      spool.off('error', done);
-      spool.off('close', done);
-      resolve();
-    };
-    spool.on('drain', done);
-    spool.on('error', done);
-    spool.on('close', done);
-  });
-}
 
 /** Resolves on 'finish', or when the spool errors or closes. */
 function settled(spool: Spool): Promise<void> {

@@ -370,7 +370,7 @@ export async function spoolFrom(source: string | Buffer | Readable, options?: Sp
 }
 
 /** Resolves on 'drain', or when the stream errors or closes (the error is observed elsewhere). */
-function drained(stream: Writable): Promise<void> {
+export function drained(stream: Writable): Promise<void> {
   if (stream.destroyed) return Promise.resolve();
   return new Promise((resolve) => {
     const done = (): void => {

@@ -37,7 +37,7 @@ import type {
   SessionContext,
   TlsInfo,
 } from '../types.js';
-import { Spool, type SpoolOptions } from '../../smtp/spool.js';
+import { drained, Spool, type SpoolOptions } from '../../smtp/spool.js';
 import { FrameDecoder, encodeFrame, type Frame } from './codec.js';
 import { decodeCommand, type ConnectCommand, type Macro, type MilterCommand } from './commands.js';
 import { MILTER_CHUNK_SIZE, SMFIC, SMFIF, SMFIM, SMFIP, SMFIP_VERSION_MASK, SMFI_PROT_VERSION, SMFI_PROT_VERSION_MIN } from './constants.js';
@@ -831,19 +831,7 @@ class MilterConnection {
     }
     msg.spool ??= new Spool(this.server.options.spool ?? {});
     const spool = msg.spool;
-    if (!spool.write(chunk)) {
-      await new Promise<void>((resolve) => {
-        const done = (): void => {
-          spool.off('drain', done);
-          spool.off('error', done);
-          spool.off('close', done);
-          resolve();
-        };
-        spool.on('drain', done);
-        spool.on('error', done);
-        spool.on('close', done);
-      });
-    }
+    if (!spool.write(chunk)) await drained(spool);
   }
 
   private async onBody(chunk: Buffer): Promise<void> {
