@@ -1,9 +1,11 @@
 /**
  * The gateway benchmark: bare smtp-server, the gateway without milters, the gateway with a
- * few in-process milters, and the gateway storing into a real Maildir with fsync, measured
+ * few in-process milters, the gateway storing into a real Maildir with fsync, and the
+ * gateway with the default MX chain (the five bundled milters of examples/mx-gateway.ts), measured
  * in one run, interleaved round by round (each round runs every target once, the starting
  * target rotating) so machine noise falls on all of them alike. Every number is also given
- * as a ratio to bare smtp-server in the same round, as a median with its min–max spread.
+ * as a ratio to bare smtp-server in the same round, as a median with its min–max spread;
+ * the `gateway+…` targets also as a ratio to the plain gateway in the same round.
  *
  * Connections are opened once per target and reused (smtp-server delays each greeting by
  * 100 ms); connect+greeting and EHLO are reported apart. Per message: latency from MAIL to
@@ -28,7 +30,7 @@ import { Worker } from 'node:worker_threads';
 import type { OpenResult, Request, RunResult } from './load.js';
 import { buildMessage, wireData } from './message.js';
 import { concat, percentile, spread, type Spread } from './stats.js';
-import { BASELINE, TARGETS, startTarget, type Target, type TargetName } from './targets.js';
+import { BASELINE, GATEWAY, TARGETS, startTarget, type Target, type TargetName } from './targets.js';
 
 // ---------------------------------------------------------------- options
 
@@ -112,6 +114,7 @@ for (const t of targetNames) {
 }
 // Without the baseline (e.g. `--targets gateway` for a CPU profile of the gateway alone) no ratios are given.
 const withBaseline = targetNames.includes(BASELINE);
+const withGateway = targetNames.includes(GATEWAY);
 
 // A hang anywhere ends the run rather than the machine's patience.
 const watchdog = setTimeout(() => {
@@ -184,12 +187,22 @@ interface TargetSummary {
   readonly serverUsPerMsg: Spread;
   /** Server busy µs per message / baseline's, per round. */
   readonly costRatio: Spread;
+  /** The same three against the plain gateway, per round (NaN without it). */
+  readonly gatewayThroughputRatio: Spread;
+  readonly gatewayP50Ratio: Spread;
+  readonly gatewayCostRatio: Spread;
+  /** Server busy µs per message minus the plain gateway's, per round. */
+  readonly gatewayExtraUs: Spread;
+  /** DNS queries per measured message, for targets whose milters use DNS. */
+  readonly dnsQueriesPerMsg?: number;
   readonly clientElu: Spread;
   readonly rounds: Omit<RoundSample, 'latencies'>[];
 }
 
 interface Phase {
   readonly size: number;
+  /** The bytes actually sent (a target's prepareMessage, e.g. DKIM signing, may change the size). */
+  readonly sentSize: number;
   readonly connections: number;
   readonly messagesPerConnection: number;
   readonly rounds: number;
@@ -197,14 +210,19 @@ interface Phase {
 }
 
 async function runPhase(load: Load, targets: Target[], size: number, messages: number): Promise<Phase> {
-  const msg = buildMessage(size);
+  let msg = buildMessage(size);
+  // Once, before the rounds: every target gets the same bytes (signed for gateway+mx-chain).
+  for (const t of targets) if (t.prepareMessage) msg = await t.prepareMessage(msg);
+  if (msg.length !== size) log(`  message prepared by ${targets.filter((t) => t.prepareMessage).map((t) => t.name).join(', ')}: ${msg.length} bytes`);
   await load.call({ op: 'message', data: wireData(msg), size: msg.length, recipients: opts.rcpts });
+  const dnsAt = new Map<TargetName, number>();
   const samples = new Map<TargetName, RoundSample[]>(targets.map((t) => [t.name, []]));
   const total = opts.warmup + opts.rounds;
   // Generous per-run deadline: 20 ms a message per connection (a slow fsync disk), at least 30 s.
   const timeoutMs = Math.max(30_000, messages * 20 + (size / 1e6) * 2_000 * messages);
   for (let r = 0; r < total; r++) {
     const warm = r < opts.warmup;
+    if (r === opts.warmup) for (const t of targets) if (t.dnsQueries) dnsAt.set(t.name, await t.dnsQueries());
     // Interleaved: every target once per round; the first one rotates so none always follows the disk.
     const order = targets.map((_, i) => targets[(i + r) % targets.length]!);
     const line: string[] = [];
@@ -231,11 +249,20 @@ async function runPhase(load: Load, targets: Target[], size: number, messages: n
     log(`  ${warm ? 'warm-up' : `round ${r - opts.warmup + 1}/${opts.rounds}`}: ${line.join(', ')}`);
   }
 
+  const dnsPerMsg = new Map<TargetName, number>();
+  for (const t of targets) {
+    const before = dnsAt.get(t.name);
+    if (t.dnsQueries && before !== undefined) dnsPerMsg.set(t.name, ((await t.dnsQueries()) - before) / (opts.rounds * opts.concurrency * messages));
+  }
   const base = samples.get(BASELINE);
   const perRound = (s: RoundSample[], f: (x: RoundSample, b: RoundSample) => number): number[] =>
     base ? s.map((x, i) => f(x, base[i]!)) : [];
+  const gw = samples.get(GATEWAY);
+  const perGatewayRound = (s: RoundSample[], f: (x: RoundSample, b: RoundSample) => number): number[] =>
+    gw ? s.map((x, i) => f(x, gw[i]!)) : [];
   const summaries = targets.map((t): TargetSummary => {
     const s = samples.get(t.name)!;
+    const dns = dnsPerMsg.get(t.name);
     const all = concat(s.map((x) => x.latencies));
     return {
       name: t.name,
@@ -247,11 +274,16 @@ async function runPhase(load: Load, targets: Target[], size: number, messages: n
       p50Ratio: spread(perRound(s, (x, b) => x.p50 / b.p50)),
       serverUsPerMsg: spread(s.map((x) => x.serverUsPerMsg)),
       costRatio: spread(perRound(s, (x, b) => x.serverUsPerMsg / b.serverUsPerMsg)),
+      gatewayThroughputRatio: spread(perGatewayRound(s, (x, b) => x.msgsPerSec / b.msgsPerSec)),
+      gatewayP50Ratio: spread(perGatewayRound(s, (x, b) => x.p50 / b.p50)),
+      gatewayCostRatio: spread(perGatewayRound(s, (x, b) => x.serverUsPerMsg / b.serverUsPerMsg)),
+      gatewayExtraUs: spread(perGatewayRound(s, (x, b) => x.serverUsPerMsg - b.serverUsPerMsg)),
+      ...(dns !== undefined ? { dnsQueriesPerMsg: dns } : {}),
       clientElu: spread(s.map((x) => x.clientElu)),
       rounds: s.map(({ latencies: _l, ...rest }) => rest),
     };
   });
-  return { size, connections: opts.concurrency, messagesPerConnection: messages, rounds: opts.rounds, targets: summaries };
+  return { size, sentSize: msg.length, connections: opts.concurrency, messagesPerConnection: messages, rounds: opts.rounds, targets: summaries };
 }
 
 // ---------------------------------------------------------------- facts about the machine
@@ -289,7 +321,8 @@ function table(rows: string[][]): string {
 
 function printPhase(p: Phase): void {
   const out = process.stdout;
-  out.write(`\n## ${p.size.toLocaleString('en-US')}-byte message: ${p.connections} connections × ${p.messagesPerConnection} messages × ${p.rounds} rounds\n\n`);
+  const sent = p.sentSize !== p.size ? ` (${p.sentSize.toLocaleString('en-US')} bytes as sent, DKIM-signed)` : '';
+  out.write(`\n## ${p.size.toLocaleString('en-US')}-byte message${sent}: ${p.connections} connections × ${p.messagesPerConnection} messages × ${p.rounds} rounds\n\n`);
   const rows = [
     ['target', 'msgs/s [min–max]', `×${BASELINE} [min–max]`, 'p50 ms', 'p99 ms', `p50 ×${BASELINE}`, 'server µs/msg', `cost ×${BASELINE}`, 'client ELU'],
   ];
@@ -307,6 +340,22 @@ function printPhase(p: Phase): void {
     ]);
   }
   out.write(table(rows) + '\n');
+  const added = p.targets.filter((t) => t.name !== GATEWAY && t.name.startsWith(`${GATEWAY}+`));
+  if (withGateway && added.length) {
+    out.write(`\nagainst the plain ${GATEWAY} (same round):\n\n`);
+    const g = [['target', `msgs/s ×${GATEWAY} [min–max]`, `p50 ×${GATEWAY}`, `cost ×${GATEWAY} [min–max]`, 'extra server µs/msg [min–max]', 'DNS queries/msg']];
+    for (const t of added) {
+      g.push([
+        t.name,
+        range(t.gatewayThroughputRatio, f2),
+        f2(t.gatewayP50Ratio.median),
+        range(t.gatewayCostRatio, f2),
+        range(t.gatewayExtraUs, f0),
+        t.dnsQueriesPerMsg === undefined ? '' : f2(t.dnsQueriesPerMsg),
+      ]);
+    }
+    out.write(table(g) + '\n');
+  }
   const busy = p.targets.filter((t) => t.clientElu.median > 0.9).map((t) => t.name);
   if (busy.length) out.write(`note: the load generator was >90% busy for ${busy.join(', ')}: those numbers are client-bound.\n`);
 }

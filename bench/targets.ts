@@ -8,6 +8,10 @@
  * - `gateway+milters`: the same with the four bench milters (bench/milters.ts).
  * - `gateway+maildir`: no milters, the real maildir() transport with fsync into a temp dir:
  *   it measures the disk as much as the gateway, so it is reported apart.
+ * - `gateway+mx-chain`: the five bundled milters configured as in examples/mx-gateway.ts
+ *   (sizeLimit, relayControl, dnsbl, mailAuth, spamTag), null transport, their DNS answered
+ *   by a loopback DNS server in a worker thread (bench/mx-chain.ts); the message is
+ *   DKIM-signed once per phase by the target's prepareMessage.
  *
  * It does not tune anything the library does not expose; every gateway target uses the
  * library's defaults except `resolveClientNames: false` (no PTR lookups on loopback).
@@ -18,20 +22,31 @@ import os from 'node:os';
 import path from 'node:path';
 import { SMTPServer } from 'smtp-server';
 import { createGateway, maildir } from '../lib/index.js';
+import { mxMilters } from '../examples/mx-gateway.js';
 import { benchMilters } from './milters.js';
+import { startMxChainFixture } from './mx-chain.js';
 import { nullTransport } from './null-transport.js';
 
-export const TARGETS = ['smtp-server', 'gateway', 'gateway+milters', 'gateway+maildir'] as const;
+export const TARGETS = ['smtp-server', 'gateway', 'gateway+milters', 'gateway+maildir', 'gateway+mx-chain'] as const;
 export type TargetName = (typeof TARGETS)[number];
 
 /** What the floor is: the target every ratio is taken against. */
 export const BASELINE: TargetName = 'smtp-server';
+/** The plain gateway: the targets that add something to it are also compared with it. */
+export const GATEWAY: TargetName = 'gateway';
 
 export interface Target {
   readonly name: TargetName;
   readonly port: number;
   /** What it is, for the report. */
   readonly description: string;
+  /**
+   * Turns the bench message into what this target needs (gateway+mx-chain: DKIM-signs it).
+   * Applied once per phase, before the rounds; every target then gets the same bytes.
+   */
+  readonly prepareMessage?: (message: Buffer) => Promise<Buffer>;
+  /** DNS queries this target's milters have caused so far (gateway+mx-chain). */
+  readonly dnsQueries?: () => Promise<number>;
   close(): Promise<void>;
 }
 
@@ -110,6 +125,27 @@ export async function startTarget(name: TargetName, options: TargetOptions = {})
         { ...common, delivery: maildir({ root, fsync: true, hostname: 'mx.bench.test' }) },
         () => fs.rm(base, { recursive: true, force: true }),
       );
+    }
+    case 'gateway+mx-chain': {
+      const fixture = await startMxChainFixture();
+      try {
+        const target = await gateway(
+          name,
+          `createGateway(), the 5 bundled milters as in examples/mx-gateway.ts, DNS on loopback (${fixture.server}, worker thread), null transport`,
+          {
+            ...common,
+            // As the example: local domain example.test (the bench's RCPT), nobody in mynetworks, the
+            // default DNS lists (not listing 127.0.0.1), DMARC enforced; only the resolver differs.
+            milters: mxMilters({ localDomains: ['example.test'], resolver: fixture.resolver }),
+            delivery: nullTransport(),
+          },
+          () => fixture.close(),
+        );
+        return { ...target, prepareMessage: (m) => fixture.sign(m), dnsQueries: () => fixture.queries() };
+      } catch (err) {
+        await fixture.close();
+        throw err;
+      }
     }
   }
 }

@@ -471,7 +471,10 @@ export function createGateway(options: GatewayOptions): Gateway {
           await options.queue.defer(envelope, state.source(), results);
           summary = { ok: true, reply: smtpReply(250, '2.0.0', `Ok: queued as ${run.queueId}`) };
         } catch (err) {
+          // Not on disk: the client must keep the message and retry (a 5xx here would bounce
+          // recipients that were delivered or only deferred).
           channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, error: err });
+          summary = { ok: false, reply: REPLIES.internal };
         }
       }
       channels.message.publish({

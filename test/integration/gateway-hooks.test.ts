@@ -65,7 +65,7 @@ test('queue: mixed results are handed to the queue and answered 250; a queue tha
     assert.equal(handed.length, 1);
     failQueue = true;
     r = await send(c, 'a@sender.test', ['bob@example.test', 'later@example.test'], message());
-    assert.equal(r.data?.text, '452 4.2.2 Mailbox full', 'never 250 when the queue did not take it');
+    assert.equal(r.data?.text, '451 4.3.0 Error: internal error, try again later', 'never 250 when the queue did not take it: 451, the client retries');
     c.end();
   } finally {
     await gw.close();

@@ -646,7 +646,7 @@ test('a defer() that cannot write rejects, and the gateway then answers 4xx, not
     await fs.rm(queue.dir, { recursive: true, force: true });
     const c = await ehlo(gw.port);
     const r = await send(c, 'alice@sender.test', ['bob@example.test', 'later@example.test'], message('no disk'));
-    assert.equal(r.data?.text, '451 4.3.0 Try again');
+    assert.equal(r.data?.text, '451 4.3.0 Error: internal error, try again later', 'not on disk: the client retries');
     c.end();
     assert.deepEqual(await queue.list(), []);
 
