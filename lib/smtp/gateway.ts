@@ -466,7 +466,8 @@ export function createGateway(options: GatewayOptions): Gateway {
         results = envelope.recipients.map((r) => ({ recipient: r.address, status: 'deferred', reply: REPLIES.internal }));
       }
       let summary = summarize(results, run.queueId);
-      if (!summary.ok && options.queue && mixed(results)) {
+      // The queue retries through the delivery transport: a quarantined message never goes there.
+      if (!summary.ok && options.queue && transport === options.delivery && mixed(results)) {
         try {
           await options.queue.defer(envelope, state.source(), results);
           summary = { ok: true, reply: smtpReply(250, '2.0.0', `Ok: queued as ${run.queueId}`) };
