@@ -88,3 +88,41 @@ test('a milter’s limits.maxMessageBytes lowers SIZE, refuses a larger declared
     await gw.close();
   }
 });
+
+test('a quarantined message with mixed results is not handed to the queue, whose retries would reach the mailbox (regression)', async () => {
+  let deferred = 0;
+  const queue: DeferredQueue = {
+    async defer() {
+      deferred++;
+    },
+  };
+  const half: Transport = {
+    name: 'half-quarantine',
+    async deliver(envelope) {
+      return envelope.recipients.map((r, i) => (i === 0 ? ok(r.address) : { recipient: r.address, status: 'deferred' as const, reply: smtpReply(451, '4.3.0', 'Hold store busy') }));
+    },
+  };
+  const delivered: string[] = [];
+  const gw = await startGateway({
+    queue,
+    quarantine: half,
+    delivery: {
+      name: 'mailbox',
+      async deliver(envelope) {
+        delivered.push(...envelope.recipients.map((r) => r.address));
+        return envelope.recipients.map((r) => ok(r.address));
+      },
+    },
+    milters: [defineMilter({ name: 'hold', eom: async (ctx) => ctx.quarantine('held for review') })],
+  });
+  try {
+    const c = await ehlo(gw.port);
+    const r = await send(c, 'a@sender.test', ['bob@example.test', 'carol@example.test'], message());
+    assert.equal(r.data?.text, '451 4.3.0 Hold store busy');
+    assert.equal(deferred, 0);
+    assert.deepEqual(delivered, []);
+    c.end();
+  } finally {
+    await gw.close();
+  }
+});
