@@ -69,6 +69,15 @@ const parallel = concurrency();
 
 // ---- setup, then find the test files --------------------------------------
 
+// The real peers the interop tests start (Postfix, Dovecot, libmilter, opendkim …): installed
+// from Debian when missing, so this command does its own set-up on a fresh machine.
+if (process.env.DOVETAIL_SKIP_PEER_INSTALL !== '1') {
+  const peers = spawnSync('bash', [join(repoRoot, 'scripts', 'install-peers.sh')], { stdio: 'inherit' });
+  if (peers.status !== 0) {
+    process.stderr.write('[test] could not install the test peers (see above); the interop tests will fail without them\n');
+    process.exit(1);
+  }
+}
 await ensureSetup();
 
 function walk(dir, out = []) {
