@@ -21,7 +21,6 @@
  */
 import { constants as fsConstants } from 'node:fs';
 import { copyFile, link, mkdir, open, rename, unlink } from 'node:fs/promises';
-import type { FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -32,6 +31,7 @@ import type { EnvelopeAddress } from '../milter/types.js';
 import { smtpReply } from '../milter/verdict.js';
 import type { SmtpReply } from '../milter/verdict.js';
 import type { DeliveryEnvelope, MessageSource, RecipientResult, Transport } from './types.js';
+import { syncDir, writeFileDurably } from './durable.js';
 
 /** Options of {@link maildir}. */
 export interface MaildirOptions {
@@ -256,37 +256,20 @@ export function maildir(options: MaildirOptions): Transport {
   /** Streams the message (after the Return-Path line) into a new file in `<dir>/tmp/`, fsynced and closed. */
   async function writeTmp(dir: string, envelope: DeliveryEnvelope, message: MessageSource): Promise<Stored> {
     const file = path.join(dir, 'tmp', uniqueName(host));
-    const fh = await open(file, 'wx', 0o600);
-    let size = 0;
-    try {
-      if (returnPath) {
-        const line = Buffer.from(`Return-Path: <${headerSafe(envelope.sender.address)}>\r\n`, 'utf8');
-        await writeAll(fh, line);
-        size += line.length;
-      }
+    async function* chunks(): AsyncGenerator<Buffer> {
+      if (returnPath) yield Buffer.from(`Return-Path: <${headerSafe(envelope.sender.address)}>\r\n`, 'utf8');
       let body = 0;
       for await (const chunk of source(message)) {
-        await writeAll(fh, chunk);
         body += chunk.length;
+        yield chunk;
       }
       if (body !== message.size) {
         throw new SourceError(
           new DovetailError(ErrorCodes.DELIVERY_FAILED, `the message stream gave ${body} bytes, not the announced ${message.size}`),
         );
       }
-      size += body;
-      if (sync) await fh.sync();
-    } catch (err) {
-      await fh.close().catch(() => {});
-      await unlink(file).catch(() => {});
-      throw err;
     }
-    try {
-      await fh.close();
-    } catch (err) {
-      await unlink(file).catch(() => {});
-      throw err;
-    }
+    const size = await writeFileDurably(file, chunks(), { sync });
     return { path: file, size };
   }
 
@@ -427,13 +410,6 @@ async function* source(message: MessageSource): AsyncGenerator<Buffer> {
   }
 }
 
-async function writeAll(fh: FileHandle, buf: Buffer): Promise<void> {
-  let off = 0;
-  while (off < buf.length) {
-    const { bytesWritten } = await fh.write(buf, off, buf.length - off);
-    off += bytesWritten;
-  }
-}
 
 async function createMaildir(dir: string): Promise<void> {
   // Not recursive: root must exist (see the header).
@@ -449,14 +425,6 @@ async function mkdirOnce(dir: string): Promise<void> {
   }
 }
 
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
 function errno(err: unknown): string | undefined {
   if (typeof err !== 'object' || err === null) return undefined;

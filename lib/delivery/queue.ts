@@ -26,7 +26,6 @@
 import diagnostics_channel from 'node:diagnostics_channel';
 import { createReadStream } from 'node:fs';
 import { link, mkdir, open, readdir, readFile, rename, unlink } from 'node:fs/promises';
-import type { FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
@@ -37,6 +36,7 @@ import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 import { newQueueId } from '../smtp/received.js';
 import { buildDsn, headerBlock, notifyOf, retOf, type DsnAction, type DsnRecipient } from './dsn.js';
 import type { DeferredQueue, DeliveryEnvelope, DeliveryStatus, MessageSource, RecipientResult, Transport } from './types.js';
+import { syncDir, writeFileDurably } from './durable.js';
 
 /** Diagnostics channels of the queue (the library never prints; subscribe to log). */
 export const QueueChannels = {
@@ -277,56 +277,22 @@ function errno(err: unknown): string | undefined {
   return typeof code === 'string' ? code : undefined;
 }
 
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
 
-async function writeAll(fh: FileHandle, buf: Buffer): Promise<void> {
-  let off = 0;
-  while (off < buf.length) {
-    const { bytesWritten } = await fh.write(buf, off, buf.length - off);
-    off += bytesWritten;
-  }
-}
 
 /** Writes a new file exclusively (0600), fsyncs and closes it; removes it on any failure. Returns the bytes written. */
-async function writeFileDurably(file: string, content: Buffer | (() => Readable)): Promise<number> {
-  const fh = await open(file, 'wx', 0o600);
-  let size = 0;
+function writeEntryFile(file: string, content: Buffer | (() => Readable)): Promise<number> {
+  return writeFileDurably(file, Buffer.isBuffer(content) ? [content] : bytesOf(content()));
+}
+
+/** The stream's chunks as Buffers; the stream is destroyed however the iteration ends. */
+async function* bytesOf(stream: Readable): AsyncGenerator<Buffer> {
   try {
-    if (Buffer.isBuffer(content)) {
-      await writeAll(fh, content);
-      size = content.length;
-    } else {
-      const stream = content();
-      try {
-        for await (const chunk of stream as AsyncIterable<unknown>) {
-          const buf = typeof chunk === 'string' ? Buffer.from(chunk, 'utf8') : Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk as Uint8Array);
-          await writeAll(fh, buf);
-          size += buf.length;
-        }
-      } finally {
-        stream.destroy();
-      }
+    for await (const chunk of stream as AsyncIterable<unknown>) {
+      yield typeof chunk === 'string' ? Buffer.from(chunk, 'utf8') : Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk as Uint8Array);
     }
-    await fh.sync();
-  } catch (err) {
-    await fh.close().catch(() => {});
-    await unlink(file).catch(() => {});
-    throw err;
+  } finally {
+    stream.destroy();
   }
-  try {
-    await fh.close();
-  } catch (err) {
-    await unlink(file).catch(() => {});
-    throw err;
-  }
-  return size;
 }
 
 async function unlinkIfThere(file: string): Promise<void> {
@@ -492,7 +458,7 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
 
   async function writeEnvelope(stored: StoredEntry): Promise<void> {
     const tmp = tmpPath(stored.id, 'json');
-    await writeFileDurably(tmp, Buffer.from(JSON.stringify(stored, null, 1) + '\n', 'utf8'));
+    await writeEntryFile(tmp, Buffer.from(JSON.stringify(stored, null, 1) + '\n', 'utf8'));
     try {
       await rename(tmp, envPath(stored.id));
     } catch (err) {
@@ -511,7 +477,7 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
     const tmp = path.join(tmpDir, id);
     let size: number;
     try {
-      size = await writeFileDurably(tmp, content);
+      size = await writeEntryFile(tmp, content);
     } catch (err) {
       if (errno(err) === 'EEXIST') throw new IdTaken();
       throw err;
