@@ -4,11 +4,13 @@
  * (RFC 5782 section 2.1 for IPv4, 2.4 for IPv6 nibbles), a per-query timeout, and the adapter
  * to mailauth's `resolver(name, rrtype)` function.
  *
- * What it does not do: DNSSEC, or any caching of its own (dnsbl caches its answers with
- * their TTLs; mailAuth memoises per message only).
+ * What it does not do: DNSSEC. Caching: dnsbl caches its answers with their TTLs;
+ * mailAuth memoises per message and, by default, keeps answers for a short fixed time
+ * across messages (cachingResolver).
  */
 import { Resolver } from 'node:dns/promises';
 import { Address4, Address6 } from 'ip-address';
+import { LRUCache } from 'lru-cache';
 
 /** An address record with its TTL in seconds, as node:dns gives it with `{ ttl: true }`. */
 export interface AddressWithTtl {
@@ -104,6 +106,37 @@ export function normalizeDomain(domain: string): string | undefined {
   // A bare IPv4 address is not a domain.
   if (labels.every((l) => /^\d+$/.test(l))) return undefined;
   return d;
+}
+
+/**
+ * A {@link DnsResolver} with a shared LRU cache of `resolve(name, rrtype)` answers: answers
+ * and not-found errors (NXDOMAIN, NODATA) are kept for `ttl` ms, concurrent asks for the
+ * same name share one query, failures (SERVFAIL, timeouts) are never kept. Callers get
+ * their own copy of an answer.
+ */
+export function cachingResolver(resolver: DnsResolver, options: { readonly ttl: number; readonly max: number }): DnsResolver {
+  type Settled = { ok: true; value: unknown } | { ok: false; error: unknown };
+  const cache = new LRUCache<string, Promise<Settled>>({ max: options.max, ttl: options.ttl });
+  return {
+    resolve4: (hostname, opts) => resolver.resolve4(hostname, opts),
+    async resolve(hostname: string, rrtype: string): Promise<unknown> {
+      const key = `${rrtype.toUpperCase()} ${hostname.toLowerCase()}`;
+      let p = cache.get(key);
+      if (!p) {
+        p = resolver.resolve(hostname, rrtype).then(
+          (value): Settled => ({ ok: true, value }),
+          (error: unknown): Settled => ({ ok: false, error }),
+        );
+        cache.set(key, p);
+        void p.then((s) => {
+          if (!s.ok && !isNotFound(s.error)) cache.delete(key);
+        });
+      }
+      const s = await p;
+      if (!s.ok) throw s.error;
+      return structuredClone(s.value);
+    },
+  };
 }
 
 /** The function form mailauth takes as `resolver`: `(name, rrtype) => records`. */

@@ -260,6 +260,38 @@ test('ARC: a list re-writes the body (DKIM breaks) and seals; arc=pass; a truste
   }
 });
 
+test('the DNS cache: a second message from the same domain asks DNS nothing again; failures are not kept; dnsCache:false asks every time', async () => {
+  let { gw } = await gatewayWith();
+  try {
+    const c = await ehlo(gw.port, 'client.example.test');
+    const first = { spf: dns.count('example.test', 'TXT'), key: dns.count('sel._domainkey.example.test', 'TXT'), dmarc: dns.count('_dmarc.example.test', 'TXT') };
+    for (let i = 0; i < 2; i++) {
+      const r = await send(c, 'alice@example.test', ['bob@dest.test'], await sign(rfc822('Alice <alice@example.test>', `cached ${i}`)));
+      assert.equal(r.data?.code, 250);
+    }
+    assert.equal(dns.count('example.test', 'TXT') - first.spf, 1, 'SPF record asked once for two messages');
+    assert.equal(dns.count('sel._domainkey.example.test', 'TXT') - first.key, 1, 'DKIM key asked once');
+    assert.equal(dns.count('_dmarc.example.test', 'TXT') - first.dmarc, 1, 'DMARC policy asked once');
+    // A SERVFAIL is not kept: each message asks again.
+    const broken = dns.count('broken.test', 'TXT');
+    for (let i = 0; i < 2; i++) await send(c, 'x@broken.test', ['bob@dest.test'], rfc822('X <x@broken.test>', `broken ${i}`));
+    assert.ok(dns.count('broken.test', 'TXT') - broken >= 2, 'a failure is asked again');
+    c.end();
+  } finally {
+    await gw.close();
+  }
+  ({ gw } = await gatewayWith({ dnsCache: false }));
+  try {
+    const c = await ehlo(gw.port, 'client.example.test');
+    const before = dns.count('sel._domainkey.example.test', 'TXT');
+    for (let i = 0; i < 2; i++) await send(c, 'alice@example.test', ['bob@dest.test'], await sign(rfc822('Alice <alice@example.test>', `uncached ${i}`)));
+    assert.equal(dns.count('sel._domainkey.example.test', 'TXT') - before, 2);
+    c.end();
+  } finally {
+    await gw.close();
+  }
+});
+
 test('option checks', () => {
   const invalid = { code: 'DOVETAIL_ERR_INVALID_OPTIONS' };
   assert.throws(() => mailAuth({ scores: { NOPE: 1 } as never }), invalid);
