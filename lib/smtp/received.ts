@@ -6,14 +6,20 @@ import { randomBytes } from 'node:crypto';
 import type { TlsInfo } from '../milter/types.js';
 
 const ALPHABET = '0123456789BCDFGHJKLMNPQRSTVWXYZ';
-let counter = 0;
+// The time part of the last id: milliseconds × 1024 + a sequence number within the ms.
+let last = 0n;
 
 /**
- * A queue id: 12 characters from a consonant-and-digit alphabet (no vowels, so no words),
- * time-ordered, unique within the process and unlikely to repeat across processes.
+ * A queue id: 12 characters from a consonant-and-digit alphabet (no vowels, so no words):
+ * nine from a strictly increasing time-and-sequence number (unique within the process even
+ * if the clock steps back or more than 1 024 ids are made in one millisecond), three random
+ * (unlikely to repeat across processes).
  */
 export function newQueueId(): string {
-  let n = BigInt(Date.now()) * 1024n + BigInt(counter++ & 1023);
+  const now = BigInt(Date.now()) * 1024n;
+  // Regression: ids repeated when the clock stepped back; never go below the last one.
+  last = now > last ? now : last + 1n;
+  let n = last;
   let out = '';
   for (let i = 0; i < 9; i++) {
     out = ALPHABET[Number(n % 31n)] + out;

@@ -8,6 +8,23 @@ test('queue ids: 12 characters of the vowel-free alphabet, unique, and time-orde
   for (const id of ids) assert.match(id, /^[0-9BCDFGHJKLMNPQRSTVWXYZ]{12}$/);
 });
 
+test('queue ids stay unique when the clock stands still or steps back (regression: a CI run saw a repeat)', () => {
+  const realNow = Date.now;
+  try {
+    let t = realNow();
+    Date.now = () => t;
+    const ids = Array.from({ length: 3000 }, () => newQueueId()); // 3 000 ids in one "millisecond"
+    t -= 5_000; // the clock steps back five seconds
+    for (let i = 0; i < 3000; i++) ids.push(newQueueId());
+    assert.equal(new Set(ids).size, ids.length);
+    // The time part never goes backwards: ids sort in the order they were made.
+    const prefixes = ids.map((id) => id.slice(0, 9));
+    assert.deepEqual([...prefixes].sort(), prefixes);
+  } finally {
+    Date.now = realNow;
+  }
+});
+
 test('RFC 5322 dates', () => {
   assert.equal(rfc5322Date(new Date(Date.UTC(2026, 10, 2, 3, 4, 5))), 'Mon, 2 Nov 2026 03:04:05 +0000');
 });
