@@ -215,7 +215,7 @@ export interface Milter {
 
   /** A client connected (xxfi_connect). Reject/tempfail refuses the session at the greeting. */
   connect?(ctx: SessionContext): Answer<SessionVerdict>;
-  /** The client's HELO/EHLO name (xxfi_helo). In the gateway it runs before the next MAIL FROM; see docs. */
+  /** The client's HELO/EHLO name (xxfi_helo). In the gateway it runs when the client says HELO/EHLO; a refusal is the reply to the next MAIL FROM (see docs). */
   helo?(ctx: SessionContext, hostname: string): Answer<SessionVerdict>;
   /** MAIL FROM (xxfi_envfrom). */
   mail?(ctx: MessageContext, sender: EnvelopeAddress): Answer<MessageVerdict>;

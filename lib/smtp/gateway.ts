@@ -7,10 +7,11 @@
  * RCPT and DATA only):
  * - connect: smtp-server's onConnect, before the greeting; a reject/tempfail is the
  *   greeting (554 / 421) and the connection closes.
- * - helo: smtp-server answers HELO/EHLO itself and has no callback for it, so the helo
- *   stage runs when the next MAIL FROM arrives (once per HELO name) and its verdict is the
- *   reply to that MAIL FROM and to every MAIL FROM until the client says HELO again. That
- *   is where Postfix gives a HELO reject by default (smtpd_delay_reject = yes).
+ * - helo: smtp-server answers HELO/EHLO itself and has no callback for it; our connection
+ *   subclass starts the helo stage as soon as smtp-server has accepted the name (once per
+ *   name), and its verdict is the reply to the next MAIL FROM (which waits for it) and to
+ *   every MAIL FROM until the client says HELO again. That is where Postfix gives a HELO
+ *   reject by default (smtpd_delay_reject = yes).
  * - data: smtp-server writes 354 as it hands the data stream to onData, without waiting
  *   for it, so the data stage's verdict is the reply at the end of DATA.
  * - abort: when a new MAIL FROM, the end of the session, or a refusal ends a message.
@@ -139,6 +140,19 @@ class ReplyError extends Error {
  */
 class GatewayConnection extends SMTPConnection {
   pending: SmtpReply | undefined;
+  /** Called once smtp-server has answered a HELO/EHLO (it has no callback for it). */
+  onHelo: ((session: SMTPServerSession) => void) | undefined;
+
+  override handler_EHLO(command: Buffer, callback: () => void): void {
+    super.handler_EHLO(command, callback);
+    this.onHelo?.(this.session);
+  }
+
+  override handler_HELO(command: Buffer, callback: () => void): void {
+    super.handler_HELO(command, callback);
+    this.onHelo?.(this.session);
+  }
+
   override send(code: number, data?: string | string[] | null, context?: string | false): void {
     const reply = this.pending;
     if (reply && data === REPLY_TOKEN && code === reply.code) {
@@ -161,8 +175,9 @@ const REPLIES = {
 interface GatewaySession {
   readonly facts: SessionFacts;
   readonly chain: ChainSession;
-  /** The HELO name the helo stage last ran for, and its refusal if any. */
+  /** The HELO name the helo stage last ran for, its run (maybe in flight), and its refusal if any. */
   heloRanFor: string | undefined;
+  heloRun: Promise<void> | undefined;
   heloRefusal: SmtpReply | undefined;
 }
 
@@ -307,7 +322,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         '{client_ptr}': named ? session.clientHostname : 'unknown',
       },
     };
-    const gs: GatewaySession = { facts, chain: chain.session(facts), heloRanFor: undefined, heloRefusal: undefined };
+    const gs: GatewaySession = { facts, chain: chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined };
     sessions.set(session, gs);
     channels.connect.publish({ sessionId: session.id, client: facts.client });
     const out = await gs.chain.connect();
@@ -319,12 +334,22 @@ export function createGateway(options: GatewayOptions): Gateway {
     }
   }
 
-  async function runHelo(gs: GatewaySession, session: SMTPServerSession): Promise<void> {
+  /**
+   * Runs the helo stage for the session's current HELO name, once per name, after any run
+   * still in flight for an earlier name; resolves when its verdict is known. Started when
+   * smtp-server has answered HELO/EHLO, awaited (or started) at MAIL FROM.
+   */
+  function runHelo(gs: GatewaySession, session: SMTPServerSession): Promise<void> {
     const helo = session.hostNameAppearsAs || undefined;
-    if (helo === gs.heloRanFor) return;
+    if (helo === gs.heloRanFor) return gs.heloRun ?? Promise.resolve();
     gs.heloRanFor = helo;
-    gs.facts.helo = helo;
-    gs.heloRefusal = helo === undefined ? undefined : refusal(await gs.chain.helo(helo));
+    const previous = gs.heloRun;
+    gs.heloRun = (async () => {
+      await previous;
+      gs.facts.helo = helo;
+      gs.heloRefusal = helo === undefined ? undefined : refusal(await gs.chain.helo(helo));
+    })();
+    return gs.heloRun;
   }
 
   async function onMailFrom(from: SMTPServerAddress, session: SMTPServerSession): Promise<void> {
@@ -502,6 +527,10 @@ export function createGateway(options: GatewayOptions): Gateway {
       // Same as SMTPServer.connect, with our connection class.
       const connection = new GatewayConnection(this, socket, socketOptions as ConstructorParameters<typeof SMTPConnection>[2]);
       connections.set(connection.session, connection);
+      connection.onHelo = (session) => {
+        const gs = sessions.get(session);
+        if (gs) void runHelo(gs, session);
+      };
       this.connections.add(connection);
       connection.on('error', (err: Error) => (this as unknown as { _onError(e: Error): void })._onError(err));
       connection.on('connect', (data: unknown) => (this as unknown as { _onClientConnect(d: unknown): void })._onClientConnect(data));

@@ -77,6 +77,35 @@ test('helo: a reject is the reply to MAIL FROM until the client says HELO with a
   }
 });
 
+test('helo: the stage runs when the client says EHLO (before any MAIL); a slow verdict still answers a pipelined MAIL', async () => {
+  const seen: string[] = [];
+  const gw = await startGateway({
+    milters: [
+      defineMilter({
+        name: 'slow-helo',
+        async helo(_ctx, name) {
+          seen.push(name);
+          await new Promise((r) => setTimeout(r, 100));
+          if (name === 'bad.example') return reject(550, '5.7.1', 'Bad HELO');
+        },
+      }),
+    ],
+  });
+  try {
+    const c = await ehlo(gw.port, 'first.example');
+    for (let i = 0; i < 100 && seen.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.deepEqual(seen, ['first.example'], 'called after EHLO, no MAIL sent');
+    // EHLO and MAIL in one write: MAIL waits for the helo verdict of the new name.
+    c.write('EHLO bad.example\r\nMAIL FROM:<a@sender.test>\r\n');
+    assert.equal((await c.reply()).code, 250);
+    assert.equal((await c.reply()).text, '550 5.7.1 Bad HELO');
+    assert.deepEqual(seen, ['first.example', 'bad.example']);
+    c.end();
+  } finally {
+    await gw.close();
+  }
+});
+
 test('mail: reject, tempfail and discard', async () => {
   const gw = await startGateway({
     milters: [

@@ -810,7 +810,7 @@ export function connectMilter(spec: string, options: ConnectMilterOptions = {}):
       return run(ctx, async (s) => {
         const early = await ensureConnection(s, ctx, 'helo');
         if (early) return early;
-        // HELO after MAIL (the gateway runs helo at the next MAIL): end the open message first.
+        // HELO/EHLO again with a message still open (the client reset it): end it first.
         await endMessage(s);
         s.helo = hostname;
         return event(s, ctx, heloSpec(hostname), undefined);
