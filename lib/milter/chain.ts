@@ -170,6 +170,11 @@ export class ChainSession {
     return this.runSimple('helo', this.active, undefined, (m, ctx) => m.helo?.(ctx, hostname));
   }
 
+  /** The unknown stage: a command the SMTP server does not recognise (SMFIC_UNKNOWN). */
+  unknown(command: string): Promise<StageOutcome> {
+    return this.runSimple('unknown', this.active, undefined, (m, ctx) => m.unknown?.(ctx, command));
+  }
+
   /** Opens a message (at MAIL FROM). Aborts the one before, if it was left open. */
   async begin(queueId: string, sender: EnvelopeAddress): Promise<MessageRun> {
     await this.current?.abort();

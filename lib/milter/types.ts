@@ -239,6 +239,6 @@ export interface Milter {
   abort?(ctx: MessageContext): Promise<void>;
   /** The session ended (xxfi_close). */
   close?(ctx: SessionContext): Promise<void>;
-  /** A command the MTA did not recognise (xxfi_unknown). Reached through serveMilter. */
+  /** A command the MTA did not recognise (xxfi_unknown); a reject/tempfail is the reply to it instead of the MTA's 500/502. */
   unknown?(ctx: SessionContext, command: string): Answer<MessageVerdict>;
 }

@@ -15,8 +15,8 @@
  * - data: smtp-server writes 354 as it hands the data stream to onData, without waiting
  *   for it, so the data stage's verdict is the reply at the end of DATA.
  * - abort: when a new MAIL FROM, the end of the session, or a refusal ends a message.
- * - unknown: smtp-server answers unknown commands with 500 itself; the stage is reached
- *   through serveMilter only.
+ * - unknown: before smtp-server answers a command it does not recognise (500), our
+ *   connection subclass runs the unknown stage; a reject/tempfail is the reply instead.
  *
  * Delivery results map to the one SMTP reply without loss: all delivered → 250; all alike
  * → that reply; mixed → 250 once the configured DeferredQueue has the message on disk (it
@@ -153,6 +153,30 @@ class GatewayConnection extends SMTPConnection {
     this.onHelo?.(this.session);
   }
 
+  /** Asks the unknown stage about a command smtp-server does not recognise: a refusal to send, or undefined. */
+  onUnknown: ((session: SMTPServerSession, command: string) => Promise<SmtpReply | undefined>) | undefined;
+
+  override _onCommand(command: Buffer, callback?: () => void): void {
+    const line = (command ?? '').toString();
+    const name = line.split(' ', 1)[0]?.toUpperCase() ?? '';
+    const ask = this.onUnknown;
+    // Only a real command word smtp-server would answer "500 command not recognized" for;
+    // everything else (AUTH continuations, TLS upgrade, early talkers, HTTP) is smtp-server's.
+    if (!ask || !this._ready || this._upgrading || this._nextHandler || !/^[A-Z][A-Z0-9-]{0,31}$/.test(name) || this._isSupported(name) || HTTP_METHODS.has(name)) {
+      super._onCommand(command, callback);
+      return;
+    }
+    ask(this.session, line).then(
+      (reply) => {
+        if (!reply) return super._onCommand(command, callback);
+        this.pending = reply;
+        this.send(reply.code, REPLY_TOKEN);
+        callback?.();
+      },
+      () => super._onCommand(command, callback),
+    );
+  }
+
   override send(code: number, data?: string | string[] | null, context?: string | false): void {
     const reply = this.pending;
     if (reply && data === REPLY_TOKEN && code === reply.code) {
@@ -163,6 +187,8 @@ class GatewayConnection extends SMTPConnection {
     super.send(code, data, context);
   }
 }
+
+const HTTP_METHODS = new Set(['OPTIONS', 'GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'TRACE', 'CONNECT']);
 
 const REPLIES = {
   headerTooLarge: smtpReply(552, '5.3.4', 'Error: message header too big'),
@@ -527,6 +553,10 @@ export function createGateway(options: GatewayOptions): Gateway {
       // Same as SMTPServer.connect, with our connection class.
       const connection = new GatewayConnection(this, socket, socketOptions as ConstructorParameters<typeof SMTPConnection>[2]);
       connections.set(connection.session, connection);
+      connection.onUnknown = async (session, command) => {
+        const gs = sessions.get(session);
+        return gs ? refusal(await gs.chain.unknown(command)) : undefined;
+      };
       connection.onHelo = (session) => {
         const gs = sessions.get(session);
         if (gs) void runHelo(gs, session);

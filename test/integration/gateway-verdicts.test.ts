@@ -106,6 +106,33 @@ test('helo: the stage runs when the client says EHLO (before any MAIL); a slow v
   }
 });
 
+test('unknown: a command smtp-server does not know reaches the unknown stage; a reject is the reply, otherwise smtp-server answers', async () => {
+  const seen: string[] = [];
+  const gw = await startGateway({
+    milters: [
+      defineMilter({
+        name: 'unknown-check',
+        async unknown(_ctx, command) {
+          seen.push(command);
+          if (command.toUpperCase().startsWith('XEVIL')) return reject(554, '5.5.1', 'Not here');
+        },
+      }),
+    ],
+  });
+  try {
+    const c = await ehlo(gw.port);
+    assert.equal((await c.cmd('XEVIL payload')).text, '554 5.5.1 Not here');
+    assert.equal((await c.cmd('XNICE')).code, 500, 'no verdict: smtp-server answers as usual');
+    assert.equal((await c.cmd('NOOP')).code, 250);
+    assert.deepEqual(seen, ['XEVIL payload', 'XNICE'], 'known commands never reach the stage');
+    const r = await send(c, 'a@sender.test', ['bob@example.test'], message());
+    assert.equal(r.data?.code, 250, 'the session goes on');
+    c.end();
+  } finally {
+    await gw.close();
+  }
+});
+
 test('mail: reject, tempfail and discard', async () => {
   const gw = await startGateway({
     milters: [
