@@ -6,9 +6,9 @@
 set -euo pipefail
 
 # The peers: Postfix (drives serveMilter), Dovecot LMTP (a real mailstore), miltertest and
-# python3-milter (libmilter) and opendkim (real milters for connectMilter), openssl (test
+# python3-milter (libmilter), opendkim and rspamd (real milters for connectMilter), openssl (test
 # certificates), swaks and unbound (handy for manual checks; see shared/PEERS.md).
-APT_PACKAGES="openssl swaks postfix dovecot-core dovecot-lmtpd miltertest python3-milter opendkim opendkim-tools unbound"
+APT_PACKAGES="openssl swaks postfix dovecot-core dovecot-lmtpd miltertest python3-milter opendkim opendkim-tools rspamd unbound"
 
 missing=()
 for pkg in ${APT_PACKAGES}; do
