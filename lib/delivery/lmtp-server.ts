@@ -21,12 +21,12 @@ import { readdir, stat } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerSession } from 'smtp-server';
-import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
 import type tls from 'node:tls';
 import { channels } from '../diagnostics.js';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import type { EnvelopeAddress } from '../milter/types.js';
-import { formatReply, smtpReply, type SmtpReply } from '../milter/verdict.js';
+import { smtpReply, type SmtpReply } from '../milter/verdict.js';
+import { adoptConnection, ExactConnection, isReplyError, markedReply, replyError, type ConnectionOptions } from '../smtp/exact-replies.js';
 import { spoolFrom, type SpoolOptions } from '../smtp/spool.js';
 import { defaultMailbox, maildir } from './maildir.js';
 import type { RecipientResult } from './types.js';
@@ -65,32 +65,9 @@ export interface LmtpServer {
   close(): Promise<void>;
 }
 
-const MARK = '\u0001dovetail-lmtp:';
-
-/** A reply for smtp-server that our connection class sends exactly (code, enhanced code, lines). */
-function replyError(reply: SmtpReply): Error {
-  return Object.assign(new Error(MARK + formatReply(reply)), { responseCode: reply.code });
-}
-
-/** smtp-server picks its own enhanced codes; this sends ours as they are. */
-class ExactConnection extends SMTPConnection {
-  override send(code: number, data?: string | string[] | null, context?: string | false): void {
-    if (typeof data === 'string' && data.startsWith(MARK)) {
-      const lines = data.slice(MARK.length).split('\r\n').map((l) => l.slice(4));
-      super.send(code, lines.length === 1 ? lines[0]! : lines, false);
-      return;
-    }
-    super.send(code, data, context);
-  }
-}
-
 class ExactServer extends SMTPServer {
   override connect(socket: net.Socket | tls.TLSSocket, socketOptions: unknown): void {
-    const connection = new ExactConnection(this, socket, socketOptions as ConstructorParameters<typeof SMTPConnection>[2]);
-    this.connections.add(connection);
-    connection.on('error', (err: Error) => (this as unknown as { _onError(e: Error): void })._onError(err));
-    connection.on('connect', (data: unknown) => (this as unknown as { _onClientConnect(d: unknown): void })._onClientConnect(data));
-    connection.init();
+    adoptConnection(this, new ExactConnection(this, socket, socketOptions as ConnectionOptions));
   }
 }
 
@@ -207,7 +184,7 @@ export async function createLmtpServer(options: LmtpServerOptions): Promise<Lmtp
         const r = reply ?? smtpReply(451, '4.3.0', 'Local delivery error');
         if (r.code < 300) {
           counters.stored++;
-          return MARK + formatReply(r);
+          return markedReply(r);
         }
         counters.refused++;
         return replyError(r);
@@ -236,8 +213,8 @@ export async function createLmtpServer(options: LmtpServerOptions): Promise<Lmtp
       onRcptTo(address, session).then(
         () => cb(),
         (err: unknown) => {
-          if (!(err instanceof Error && err.message.startsWith(MARK))) channels.error.publish({ sessionId: session.id, error: err });
-          cb(err instanceof Error && err.message.startsWith(MARK) ? err : replyError(smtpReply(451, '4.3.0', 'Local error, try again later')));
+          if (!isReplyError(err)) channels.error.publish({ sessionId: session.id, error: err });
+          cb(isReplyError(err) ? err : replyError(smtpReply(451, '4.3.0', 'Local error, try again later')));
         },
       );
     },

@@ -29,7 +29,7 @@ import path from 'node:path';
 import net from 'node:net';
 import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
-import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
+import { adoptConnection, ExactConnection, isReplyError, markedReply, replyError, type ConnectionOptions } from './exact-replies.js';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import { channels } from '../diagnostics.js';
 import { ChainSession, MilterChain, type MessageRun, type SessionFacts, type StageOutcome } from '../milter/chain.js';
@@ -122,24 +122,11 @@ export interface Gateway {
   readonly addresses: readonly { host: string; port: number }[];
 }
 
-const REPLY_TOKEN = '\u0001dovetail-reply:';
-
-/** An error carrying an exact SMTP reply to smtp-server through its callbacks. */
-class ReplyError extends Error {
-  readonly responseCode: number;
-  constructor(readonly reply: SmtpReply) {
-    super(REPLY_TOKEN);
-    this.responseCode = reply.code;
-  }
-}
-
 /**
- * smtp-server formats callback errors itself: one line, and an enhanced status code derived
- * from the reply code, not the one the milter gave. This connection subclass sends our
- * replies as they are (every line, the milter's enhanced code) and leaves all others alone.
+ * Our connection class: exact replies (ExactConnection), plus the hooks smtp-server lacks —
+ * HELO/EHLO answered, and a command it does not recognise.
  */
-class GatewayConnection extends SMTPConnection {
-  pending: SmtpReply | undefined;
+class GatewayConnection extends ExactConnection {
   /** Called once smtp-server has answered a HELO/EHLO (it has no callback for it). */
   onHelo: ((session: SMTPServerSession) => void) | undefined;
 
@@ -169,22 +156,11 @@ class GatewayConnection extends SMTPConnection {
     ask(this.session, line).then(
       (reply) => {
         if (!reply) return super._onCommand(command, callback);
-        this.pending = reply;
-        this.send(reply.code, REPLY_TOKEN);
+        this.send(reply.code, markedReply(reply));
         callback?.();
       },
       () => super._onCommand(command, callback),
     );
-  }
-
-  override send(code: number, data?: string | string[] | null, context?: string | false): void {
-    const reply = this.pending;
-    if (reply && data === REPLY_TOKEN && code === reply.code) {
-      this.pending = undefined;
-      super.send(code, reply.lines.map((l) => `${reply.enhanced}${l ? ' ' + l : ''}`), false);
-      return;
-    }
-    super.send(code, data, context);
   }
 }
 
@@ -306,16 +282,11 @@ export function createGateway(options: GatewayOptions): Gateway {
   const DEFAULT_QUARANTINE_ROOT = path.resolve('var/quarantine');
   const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT });
   const sessions = new WeakMap<SMTPServerSession, GatewaySession>();
-  const connections = new WeakMap<SMTPServerSession, GatewayConnection>();
   let inflight = 0;
   let closing = false;
   let drained: (() => void) | undefined;
   let addresses: { host: string; port: number }[] = [];
 
-  const fail = (conn: GatewayConnection | undefined, reply: SmtpReply): ReplyError => {
-    if (conn) conn.pending = reply;
-    return new ReplyError(reply);
-  };
 
   const refusal = (out: StageOutcome): SmtpReply | undefined => (out.type === 'reject' || out.type === 'tempfail' ? out.reply : undefined);
 
@@ -356,7 +327,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     if (reply) {
       // A refused greeting: 554 for a reject, 421 for a tempfail (RFC 5321 3.1), with the milter's text.
       const code = out.type === 'tempfail' ? 421 : 554;
-      throw fail(connections.get(session), smtpReply(code, `${String(code)[0]}${reply.enhanced.slice(1)}`, reply.lines));
+      throw replyError(smtpReply(code, `${String(code)[0]}${reply.enhanced.slice(1)}`, reply.lines));
     }
   }
 
@@ -380,12 +351,11 @@ export function createGateway(options: GatewayOptions): Gateway {
 
   async function onMailFrom(from: SMTPServerAddress, session: SMTPServerSession): Promise<void> {
     const gs = sessions.get(session);
-    const conn = connections.get(session);
-    if (!gs) throw fail(conn, REPLIES.internal);
-    if (closing) throw fail(conn, REPLIES.closing);
+    if (!gs) throw replyError(REPLIES.internal);
+    if (closing) throw replyError(REPLIES.closing);
     gs.facts.auth = session.user ? { method: String(session.user.method ?? 'PLAIN'), user: String(session.user.username ?? session.user) } : undefined;
     await runHelo(gs, session);
-    if (gs.heloRefusal) throw fail(conn, gs.heloRefusal);
+    if (gs.heloRefusal) throw replyError(gs.heloRefusal);
     const sender = toEnvelopeAddress(from);
     const queueId = newQueueId();
     const m = gs.facts.macros;
@@ -403,22 +373,21 @@ export function createGateway(options: GatewayOptions): Gateway {
     const reply = refusal(await run.mail());
     if (reply) {
       await run.abort();
-      throw fail(conn, reply);
+      throw replyError(reply);
     }
   }
 
   async function onRcptTo(to: SMTPServerAddress, session: SMTPServerSession): Promise<void> {
     const gs = sessions.get(session);
-    const conn = connections.get(session);
     const run = gs?.chain.message;
-    if (!gs || !run) throw fail(conn, REPLIES.internal);
+    if (!gs || !run) throw replyError(REPLIES.internal);
     const rcpt = toEnvelopeAddress(to);
     const m = gs.facts.macros;
     m['{rcpt_addr}'] = rcpt.address;
     m['{rcpt_host}'] = domainOf(rcpt.address);
     m['{rcpt_mailer}'] = 'smtp';
     const reply = refusal(await run.rcpt(rcpt));
-    if (reply) throw fail(conn, reply);
+    if (reply) throw replyError(reply);
     const verify = options.verifyRecipients ? options.delivery.verifyRecipient : undefined;
     if (verify) {
       let answer: SmtpReply | undefined;
@@ -428,24 +397,23 @@ export function createGateway(options: GatewayOptions): Gateway {
         // Verification is advisory: a mailstore that cannot answer now does not refuse mail.
         channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, recipient: rcpt.address, error: err });
       }
-      if (answer && answer.code >= 400) throw fail(conn, answer);
+      if (answer && answer.code >= 400) throw replyError(answer);
     }
     run.accepted(rcpt);
   }
 
   async function onData(stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
     const gs = sessions.get(session);
-    const conn = connections.get(session);
     const run = gs?.chain.message;
     if (!gs || !run) {
       stream.resume();
       await new Promise((r) => stream.once('end', r));
-      throw fail(conn, REPLIES.internal);
+      throw replyError(REPLIES.internal);
     }
-    return receive(gs, run, stream, conn);
+    return receive(gs, run, stream, session);
   }
 
-  async function receive(gs: GatewaySession, run: MessageRun, stream: SMTPServerDataStream, conn: GatewayConnection | undefined): Promise<string> {
+  async function receive(gs: GatewaySession, run: MessageRun, stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
     const dataOutcome = run.data();
     const got = await ingest(stream, {
       maxBytes: maxMessageBytes,
@@ -460,11 +428,11 @@ export function createGateway(options: GatewayOptions): Gateway {
       const problem: IngestProblem | undefined = got.problem;
       if (problem) {
         await run.abort();
-        throw fail(conn, problem === 'too-large' ? tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : REPLIES.bareLineEnding);
+        throw replyError(problem === 'too-large' ? tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : REPLIES.bareLineEnding);
       }
       if (dataReply) {
         await run.abort();
-        throw fail(conn, dataReply);
+        throw replyError(dataReply);
       }
       if (run.discarded) {
         run.finish();
@@ -478,7 +446,7 @@ export function createGateway(options: GatewayOptions): Gateway {
           clientAddress: gs.facts.client.address,
           hostname,
           // RFC 6531 3.7.3: UTF8SMTP(S)(A) when the client asked for SMTPUTF8.
-          protocol: utf8Protocol(conn?.session.transmissionType ?? 'ESMTP', run.sender),
+          protocol: utf8Protocol(session.transmissionType || 'ESMTP', run.sender),
           queueId: run.queueId,
           tls: gs.facts.tls,
           recipients: run.recipients.map((r) => r.address),
@@ -493,13 +461,13 @@ export function createGateway(options: GatewayOptions): Gateway {
       const contentReply = refusal(await run.content(state));
       if (contentReply) {
         await run.abort();
-        throw fail(conn, contentReply);
+        throw replyError(contentReply);
       }
       if (run.discarded) {
         run.finish();
         return `Ok: queued as ${run.queueId}`;
       }
-      if (state.recipients.length === 0) throw fail(conn, REPLIES.noRecipients);
+      if (state.recipients.length === 0) throw replyError(REPLIES.noRecipients);
       const envelope = { queueId: run.queueId, sender: state.sender, recipients: state.recipients };
       let transport = options.delivery;
       if (state.quarantine !== undefined) {
@@ -537,7 +505,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         results,
         reply: summary.reply,
       });
-      if (!summary.ok) throw fail(conn, summary.reply);
+      if (!summary.ok) throw replyError(summary.reply);
       return summary.reply.lines.join(' ');
     } finally {
       run.finish();
@@ -551,8 +519,7 @@ export function createGateway(options: GatewayOptions): Gateway {
   class GatewayServer extends SMTPServer {
     override connect(socket: net.Socket | tls.TLSSocket, socketOptions: unknown): void {
       // Same as SMTPServer.connect, with our connection class.
-      const connection = new GatewayConnection(this, socket, socketOptions as ConstructorParameters<typeof SMTPConnection>[2]);
-      connections.set(connection.session, connection);
+      const connection = new GatewayConnection(this, socket, socketOptions as ConnectionOptions);
       connection.onUnknown = async (session, command) => {
         const gs = sessions.get(session);
         return gs ? refusal(await gs.chain.unknown(command)) : undefined;
@@ -561,10 +528,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         const gs = sessions.get(session);
         if (gs) void runHelo(gs, session);
       };
-      this.connections.add(connection);
-      connection.on('error', (err: Error) => (this as unknown as { _onError(e: Error): void })._onError(err));
-      connection.on('connect', (data: unknown) => (this as unknown as { _onClientConnect(d: unknown): void })._onClientConnect(data));
-      connection.init();
+      adoptConnection(this, connection);
     }
   }
 
@@ -575,11 +539,11 @@ export function createGateway(options: GatewayOptions): Gateway {
       fn(...(args as unknown as A)).then(
         (r) => cb(null, r),
         (err: unknown) => {
-          if (err instanceof ReplyError) return cb(err);
+          if (isReplyError(err)) return cb(err);
           // An internal failure: the client gets a generic 451, the error goes to the channel.
-          channels.error.publish({ error: err });
           const session = args[args.length - 1] as SMTPServerSession;
-          cb(fail(connections.get(session), REPLIES.internal));
+          channels.error.publish({ sessionId: session.id, error: err });
+          cb(replyError(REPLIES.internal));
         },
       );
     };
@@ -653,7 +617,6 @@ export function createGateway(options: GatewayOptions): Gateway {
       onClose: (session) => {
         const gs = sessions.get(session);
         sessions.delete(session);
-        connections.delete(session);
         if (gs) {
           gs.chain.close().then(
             () => channels.close.publish({ sessionId: session.id }),
