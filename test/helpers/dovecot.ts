@@ -12,10 +12,10 @@
 import { execFile, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import { freePort, waitForPort } from './ports.js';
 
 const run = promisify(execFile);
 
@@ -41,30 +41,7 @@ export interface Dovecot {
 
 const BINARIES = ['/usr/sbin/dovecot', '/usr/lib/dovecot/lmtp', '/usr/bin/doveadm'];
 
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((resolve) => srv.close(() => resolve()));
-  return port;
-}
 
-async function waitListening(port: number, ms: number, log: () => Promise<string>): Promise<void> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = net.connect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`dovecot did not listen on 127.0.0.1:${port} within ${ms} ms; log:\n${await log()}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 const localPart = (address: string): string => address.slice(0, address.lastIndexOf('@')).toLowerCase();
 
@@ -168,7 +145,7 @@ export async function startDovecot(users: readonly DovecotUser[]): Promise<Dovec
     await fs.rm(dir, { recursive: true, force: true });
   };
   try {
-    await waitListening(port, 10_000, log);
+    await waitForPort(port, 10_000, undefined, 'dovecot', log);
   } catch (err) {
     await stop();
     throw err;

@@ -9,42 +9,14 @@ import { existsSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { freePort, waitForPort } from './ports.js';
 
 /** The repository root (dist/test/helpers → ../../..). */
 export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const PYTHON = '/usr/bin/python3';
 export const REFERENCE_FILTER = path.join(repoRoot, 'test/fixtures/libmilter/reference.py');
 
-/** A port that was free a moment ago on 127.0.0.1. */
-export async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => resolve());
-  });
-  const port = (server.address() as net.AddressInfo).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
-/** Resolves once 127.0.0.1:port accepts a connection; rejects after `ms` or when `child` exits. */
-export async function waitForPort(port: number, ms = 15_000, child?: ChildProcess, what = 'peer'): Promise<void> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    if (child && child.exitCode !== null) throw new Error(`${what} exited with code ${child.exitCode} before listening on ${port}`);
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = net.connect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`${what} did not listen on 127.0.0.1:${port} within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 /** Resolves once a unix socket at `p` accepts a connection. */
 async function waitForPath(p: string, ms: number, child: ChildProcess): Promise<void> {

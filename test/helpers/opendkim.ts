@@ -8,7 +8,8 @@ import { existsSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, stopChild, waitForPort } from './libmilter.js';
+import { stopChild } from './libmilter.js';
+import { freePort, waitForPort } from './ports.js';
 
 const OPENDKIM = ['/usr/sbin/opendkim', '/usr/bin/opendkim'];
 const GENKEY = ['/usr/sbin/opendkim-genkey', '/usr/bin/opendkim-genkey'];

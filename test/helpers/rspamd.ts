@@ -19,7 +19,8 @@ import { encodeCommand } from '../../lib/milter/protocol/commands.js';
 import { OFFERED_ACTIONS, OFFERED_PROTOCOL } from '../../lib/milter/protocol/client.js';
 import { SMFI_PROT_VERSION } from '../../lib/milter/protocol/constants.js';
 import { decodeReply } from '../../lib/milter/protocol/replies.js';
-import { freePort, repoRoot } from './libmilter.js';
+import { repoRoot } from './libmilter.js';
+import { freePort } from './ports.js';
 
 const RSPAMD = ['/usr/bin/rspamd', '/usr/sbin/rspamd'];
 export const RSPAMD_FIXTURES = path.join(repoRoot, 'test/fixtures/rspamd');

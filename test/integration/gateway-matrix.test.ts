@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { accept, continue_, defineMilter, discard, quarantine, reject, skip, tempfail, type Milter, type Stage, type Verdict } from '../../lib/index.js';
-import { ehlo, message, RawClient, stored, startGateway, type Reply } from '../helpers/smtp.js';
+import { message, RawClient, stored, startGateway, type Reply } from '../helpers/smtp.js';
 
 type Where = 'greeting' | 'mail' | 'rcpt' | 'data';
 const WHERE: Partial<Record<Stage, Where>> = {

@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { accept, defineMilter, discard, quarantine, reject, tempfail, type Milter } from '../../lib/index.js';
-import { ehlo, message, RawClient, send, split, startGateway, stored } from '../helpers/smtp.js';
+import { ehlo, message, RawClient, send, startGateway, stored } from '../helpers/smtp.js';
 
 test('no milters: a message to two recipients is stored for both, with our Received header first', async () => {
   const gw = await startGateway();

@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { Readable } from 'node:stream';
-import { defineMilter, reject, tempfail, accept, discard, skip, quarantine, type Milter } from '../../lib/index.js';
+import { defineMilter, reject, tempfail, accept, discard, skip, type Milter } from '../../lib/index.js';
 import { FrameDecoder, encodeCommand, decodeReply, SMFIF, SMFIF_ALL, SMFIP, SMFIP_CURR_PROT, SMFIM, type MilterCommand, type MilterReply, type OptNeg } from '../../lib/milter/protocol/index.js';
 import { negotiate, serveMilter, type MilterServer, type ServeMilterOptions } from '../../lib/milter/protocol/server.js';
 import { frame, u32 } from '../helpers/milter-frames.js';

@@ -11,7 +11,8 @@ import net from 'node:net';
 import { connectMilter, type ConnectMilterOptions } from '../../lib/milter/protocol/client.js';
 import type { DefaultAction } from '../../lib/index.js';
 import { ehlo, message, send, split, startGateway, stored, type TestGateway } from '../helpers/smtp.js';
-import { freePort, startReferenceFilter, type RunningFilter } from '../helpers/libmilter.js';
+import { startReferenceFilter, type RunningFilter } from '../helpers/libmilter.js';
+import { freePort } from '../helpers/ports.js';
 
 let filter: RunningFilter;
 
