@@ -34,6 +34,7 @@ import { DovetailError, ErrorCodes } from '../errors.js';
 import type { EnvelopeAddress } from '../milter/types.js';
 import { MAX_REPLY_LINE_LENGTH, MAX_REPLY_LINES, smtpReply, type SmtpReply } from '../milter/verdict.js';
 import type { DeliveryEnvelope, DeliveryStatus, MessageSource, RecipientResult, Transport } from './types.js';
+import { drainWithin } from '../drain.js';
 
 // ---------------------------------------------------------------- options
 
@@ -440,23 +441,15 @@ class Connection {
   async write(buf: Buffer, ms: number): Promise<void> {
     if (this.failure) throw withPhase(this.failure, 'data block');
     if (this.socket.write(buf)) return;
-    await new Promise<void>((resolve, reject) => {
-      const done = (err?: Error): void => {
-        clearTimeout(timer);
-        this.socket.off('drain', onDrain);
-        this.socket.off('close', onClose);
-        if (err) reject(err);
-        else resolve();
-      };
-      const onDrain = (): void => done();
-      const onClose = (): void => done(withPhase(this.failure ?? new ConnectionFailure('data block', 'lost', `${this.label}: connection closed`), 'data block'));
-      const timer = setTimeout(() => {
+    await drainWithin(
+      this.socket,
+      ms,
+      () => withPhase(this.failure ?? new ConnectionFailure('data block', 'lost', `${this.label}: connection closed`), 'data block'),
+      () => {
         this.fail(new ConnectionFailure('data block', 'timeout', `${this.label}: sending the message stalled for ${ms} ms`));
-        done(withPhase(this.failure!, 'data block'));
-      }, ms);
-      this.socket.on('drain', onDrain);
-      this.socket.on('close', onClose);
-    });
+        return withPhase(this.failure!, 'data block');
+      },
+    );
   }
 
   /** Swaps the socket for a TLS one over it (after STARTTLS's 220). */

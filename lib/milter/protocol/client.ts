@@ -80,6 +80,7 @@ import { MilterProtocolError } from './error.js';
 import { MACRO_STAGE_BY_SMFIM, POSTFIX_DEFAULT_MACROS, type MacroStageName } from './postfix-macros.js';
 import { decodeReply, type MilterReply } from './replies.js';
 import { connectOptions, parseSocketSpec, type SocketSpec } from './socket.js';
+import { drainWithin } from '../../drain.js';
 
 export type { MacroStageName } from './postfix-macros.js';
 export { POSTFIX_DEFAULT_MACROS } from './postfix-macros.js';
@@ -219,20 +220,12 @@ class FilterConnection {
   async write(data: Buffer, ms: number): Promise<void> {
     if (!this.alive) throw this.deadError();
     if (this.socket.write(data)) return;
-    await new Promise<void>((resolve, reject) => {
-      const done = (err?: Error): void => {
-        clearTimeout(timer);
-        this.socket.off('drain', onDrain);
-        this.socket.off('close', onClose);
-        if (err) reject(err);
-        else resolve();
-      };
-      const onDrain = (): void => done();
-      const onClose = (): void => done(this.deadError());
-      const timer = setTimeout(() => done(milterError(ErrorCodes.MILTER_TIMEOUT, `filter did not read within ${ms} ms`)), ms);
-      this.socket.on('drain', onDrain);
-      this.socket.on('close', onClose);
-    });
+    await drainWithin(
+      this.socket,
+      ms,
+      () => this.deadError(),
+      () => milterError(ErrorCodes.MILTER_TIMEOUT, `filter did not read within ${ms} ms`),
+    );
   }
 
   /** The next frame from the filter within `ms`. */
