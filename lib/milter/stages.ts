@@ -20,11 +20,5 @@ export const STAGES = [
 
 export type Stage = (typeof STAGES)[number];
 
-/** Stages whose handlers answer with a verdict (abort and close do not). */
-export const VERDICT_STAGES = ['connect', 'helo', 'mail', 'rcpt', 'data', 'header', 'eoh', 'body', 'eom', 'unknown'] as const;
-
 /** Stages timed by the content timeout (Postfix: milter_content_timeout); the rest use the command timeout. */
 export const CONTENT_STAGES: ReadonlySet<Stage> = new Set<Stage>(['header', 'eoh', 'body', 'eom']);
-
-/** Stages that concern the session rather than one message. */
-export const SESSION_STAGES: ReadonlySet<Stage> = new Set<Stage>(['connect', 'helo', 'close']);

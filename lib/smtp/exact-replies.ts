@@ -9,8 +9,6 @@
  * Shared by the gateway and the embedded LMTP store. Does not: change any reply that does
  * not carry the marker.
  */
-import type net from 'node:net';
-import type tls from 'node:tls';
 import type { SMTPServer } from 'smtp-server';
 import { SMTPConnection } from 'smtp-server/lib/smtp-connection.js';
 import { formatReply, type SmtpReply } from '../milter/verdict.js';
@@ -59,4 +57,3 @@ export function adoptConnection(server: SMTPServer, connection: SMTPConnection):
 
 /** The socket options smtp-server passes to connect(). */
 export type ConnectionOptions = ConstructorParameters<typeof SMTPConnection>[2];
-export type { net, tls };
