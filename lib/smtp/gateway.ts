@@ -82,8 +82,23 @@ export interface GatewayOptions {
   readonly tls?: { readonly key: string | Buffer; readonly cert: string | Buffer };
   /** SMTP AUTH: return true to accept the credentials. Without it AUTH is not offered. */
   readonly authenticate?: (request: AuthRequest) => Promise<boolean>;
-  /** Offer AUTH on plain-text connections too. Default false. */
+  /**
+   * Offer and accept AUTH on connections without TLS. Default false: without TLS, EHLO
+   * does not advertise AUTH and an AUTH command gets `538 5.7.11` (RFC 4954 section 6),
+   * whether or not STARTTLS is offered (Postfix: smtpd_tls_auth_only = yes).
+   */
   readonly allowInsecureAuth?: boolean;
+  /**
+   * Delay before answering a failed AUTH, ms; it grows with each failure on the connection
+   * (n × delay). Default 1000 (Postfix: smtpd_error_sleep_time; Dovecot: auth_failure_delay).
+   */
+  readonly authFailureDelay?: number;
+  /**
+   * Failed AUTH attempts allowed on one connection; the last one is answered
+   * `421 4.7.0` and the connection is closed. Default 5 (Postfix counts them in
+   * smtpd_hard_error_limit).
+   */
+  readonly maxAuthFailures?: number;
   /**
    * The SIZE limit in bytes, advertised in EHLO, checked against MAIL FROM's SIZE=, and
    * enforced while DATA streams. Default 50 MiB; a milter's `limits.maxMessageBytes`
@@ -127,6 +142,15 @@ export interface Gateway {
  * HELO/EHLO answered, and a command it does not recognise.
  */
 class GatewayConnection extends ExactConnection {
+  /** True unless allowInsecureAuth: AUTH exists only once the connection is encrypted. */
+  authNeedsTls = true;
+
+  /** smtp-server advertises and dispatches AUTH on plain text when STARTTLS is not offered; we never do unless allowed. */
+  override _isSupported(command: string): boolean {
+    if (this.authNeedsTls && !this.secure && String(command).trim().toUpperCase() === 'AUTH') return false;
+    return super._isSupported(command);
+  }
+
   /** Called once smtp-server has answered a HELO/EHLO (it has no callback for it). */
   onHelo: ((session: SMTPServerSession) => void) | undefined;
 
@@ -146,6 +170,11 @@ class GatewayConnection extends ExactConnection {
   override _onCommand(command: Buffer, callback?: () => void): void {
     const line = (command ?? '').toString();
     const name = line.split(' ', 1)[0]?.toUpperCase() ?? '';
+    if (name === 'AUTH' && this.authNeedsTls && !this.secure && !this._nextHandler && this._ready && !this._upgrading) {
+      this.send(538, markedReply(REPLIES.authNeedsTls));
+      callback?.();
+      return;
+    }
     const ask = this.onUnknown;
     // Only a real command word smtp-server would answer "500 command not recognized" for;
     // everything else (AUTH continuations, TLS upgrade, early talkers, HTTP) is smtp-server's.
@@ -172,6 +201,10 @@ const REPLIES = {
   noRecipients: smtpReply(554, '5.5.1', 'Error: no valid recipients'),
   internal: smtpReply(451, '4.3.0', 'Error: internal error, try again later'),
   closing: smtpReply(421, '4.3.2', 'Service shutting down, try again later'),
+  authNeedsTls: smtpReply(538, '5.7.11', 'Encryption required for requested authentication mechanism'),
+  authFailed: smtpReply(535, '5.7.8', 'Error: authentication failed'),
+  authTooMany: smtpReply(421, '4.7.0', 'Error: too many failed authentication attempts, closing connection'),
+  authUnavailable: smtpReply(454, '4.7.0', 'Temporary authentication failure'),
 } as const;
 
 interface GatewaySession {
@@ -181,6 +214,8 @@ interface GatewaySession {
   heloRanFor: string | undefined;
   heloRun: Promise<void> | undefined;
   heloRefusal: SmtpReply | undefined;
+  /** Failed AUTH attempts on this connection. */
+  authFailures: number;
 }
 
 /** Macros that belong to one message and are cleared at each MAIL FROM. */
@@ -248,6 +283,8 @@ function validateOptions(options: GatewayOptions, listen: readonly ListenOptions
   positive('maxClients', options.maxClients);
   positive('socketTimeout', options.socketTimeout);
   positive('closeTimeout', options.closeTimeout, 0);
+  positive('authFailureDelay', options.authFailureDelay, 0);
+  positive('maxAuthFailures', options.maxAuthFailures);
   positive('spool.memoryThreshold', options.spool?.memoryThreshold, 0);
   positive('milterTimeouts.command', options.milterTimeouts?.command);
   positive('milterTimeouts.content', options.milterTimeouts?.content);
@@ -282,6 +319,7 @@ export function createGateway(options: GatewayOptions): Gateway {
   const DEFAULT_QUARANTINE_ROOT = path.resolve('var/quarantine');
   const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT });
   const sessions = new WeakMap<SMTPServerSession, GatewaySession>();
+  const insecureAuth = options.allowInsecureAuth ?? false;
   let inflight = 0;
   let closing = false;
   let drained: (() => void) | undefined;
@@ -319,7 +357,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         '{client_ptr}': named ? session.clientHostname : 'unknown',
       },
     };
-    const gs: GatewaySession = { facts, chain: chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined };
+    const gs: GatewaySession = { facts, chain: chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0 };
     sessions.set(session, gs);
     channels.connect.publish({ sessionId: session.id, client: facts.client });
     const out = await gs.chain.connect();
@@ -520,6 +558,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     override connect(socket: net.Socket | tls.TLSSocket, socketOptions: unknown): void {
       // Same as SMTPServer.connect, with our connection class.
       const connection = new GatewayConnection(this, socket, socketOptions as ConnectionOptions);
+      connection.authNeedsTls = !insecureAuth;
       connection.onUnknown = async (session, command) => {
         const gs = sessions.get(session);
         return gs ? refusal(await gs.chain.unknown(command)) : undefined;
@@ -559,7 +598,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       maxClients: options.maxClients ?? 1000,
       disabledCommands: disabled,
       authOptional: true,
-      allowInsecureAuth: options.allowInsecureAuth ?? false,
+      allowInsecureAuth: insecureAuth,
       authMethods: ['PLAIN', 'LOGIN'],
       // DSN (RFC 3461) only with a queue: without one we could not send the notifications.
       hideDSN: options.queue === undefined,
@@ -591,16 +630,25 @@ export function createGateway(options: GatewayOptions): Gateway {
         if (!check || (auth.method !== 'PLAIN' && auth.method !== 'LOGIN')) {
           return cb(Object.assign(new Error('Authentication not available'), { responseCode: 504 }));
         }
+        // The connection class already refuses AUTH without TLS; this is the second lock.
+        if (!session.secure && !insecureAuth) return cb(replyError(REPLIES.authNeedsTls));
+        const gs = sessions.get(session);
         check({
           method: auth.method,
           username: auth.username ?? '',
           password: auth.password ?? '',
           client: { address: session.remoteAddress, tls: session.secure },
         }).then(
-          (ok) => (ok ? cb(null, { user: { username: auth.username, method: auth.method } }) : cb(Object.assign(new Error('Authentication credentials invalid'), { responseCode: 535 }))),
+          (ok) => {
+            if (ok) return cb(null, { user: { username: auth.username, method: auth.method } });
+            // Slow down guessing, more with each failure, and stop it at the limit.
+            const failures = gs ? ++gs.authFailures : 1;
+            const last = failures >= (options.maxAuthFailures ?? 5);
+            setTimeout(() => cb(replyError(last ? REPLIES.authTooMany : REPLIES.authFailed)), failures * (options.authFailureDelay ?? 1000));
+          },
           (err: unknown) => {
             channels.error.publish({ sessionId: session.id, error: err });
-            cb(Object.assign(new Error('Temporary authentication failure'), { responseCode: 454 }));
+            cb(replyError(REPLIES.authUnavailable));
           },
         );
       },

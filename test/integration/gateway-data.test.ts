@@ -9,9 +9,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { execFileSync } from 'node:child_process';
 import nodemailer from 'nodemailer';
 import { defineMilter } from '../../lib/index.js';
+import { selfSignedCert } from '../helpers/tls.js';
 import { ehlo, message, RawClient, send, split, startGateway, stored } from '../helpers/smtp.js';
 
 test('a message larger than the memory threshold is spooled to disk and delivered byte-identical', async () => {
@@ -227,22 +227,11 @@ test('context: typed fields and Postfix macros per stage; abort on RSET-then-MAI
   }
 });
 
-function selfSignedCert(dir: string): { key: string; cert: string } {
-  const key = path.join(dir, 'key.pem');
-  const cert = path.join(dir, 'cert.pem');
-  execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=mx.test'], {
-    stdio: 'ignore',
-  });
-  return { key, cert };
-}
-
 test('STARTTLS with a real client (nodemailer): TLS facts reach the milter, the Received header and macros', async () => {
-  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-tls-'));
-  const files = selfSignedCert(dir);
   let tlsSeen: unknown;
   let cipherMacro: string | undefined;
   const gw = await startGateway({
-    tls: { key: await fs.readFile(files.key, 'utf8'), cert: await fs.readFile(files.cert, 'utf8') },
+    tls: selfSignedCert(),
     milters: [
       defineMilter({
         name: 'tls-check',
@@ -277,7 +266,6 @@ test('STARTTLS with a real client (nodemailer): TLS facts reach the milter, the 
     assert.match(m!.toString(), /\(using TLSv1\.[23] with cipher \S+ \(\d+\/\d+ bits\)\)\r\n\tby mx\.test \(dovetail\) with ESMTPS id /);
   } finally {
     await gw.close();
-    await fs.rm(dir, { recursive: true, force: true });
   }
 });
 
