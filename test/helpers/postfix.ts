@@ -2,7 +2,9 @@
  * Test helper: a real Postfix 3.7 started by the test, in a private directory on loopback,
  * as shared/PEERS.md describes: a private main.cf/master.cf (chroot off, smtpd on
  * 127.0.0.1:PORT, relay to an LMTP port, smtpd_milters pointing at our server), queue and
- * data directories and the mail log in a fresh temp dir.
+ * data directories and the mail log in a fresh temp dir. The milter and the LMTP relay are
+ * optional: without them a caller configures delivery freely through `main`
+ * (postfix-mta.ts does).
  *
  * Postfix run as root accepts `-c DIR` only for a directory that the default
  * /etc/postfix/main.cf lists in alternate_config_directories, and a maillog_file only under
@@ -110,11 +112,11 @@ async function takeSlot(): Promise<{ dir: string; release(): Promise<void> }> {
 }
 
 export interface PostfixOptions {
-  /** smtpd_milters value, e.g. `inet:127.0.0.1:PORT`. */
-  readonly milter: string;
-  /** Port of the LMTP server example.test is relayed to. */
-  readonly lmtpPort: number;
-  /** More main.cf settings. */
+  /** smtpd_milters value, e.g. `inet:127.0.0.1:PORT`; without it, no smtpd_milters line. */
+  readonly milter?: string;
+  /** Port of the LMTP server example.test is relayed to; without it, no transport_maps line. */
+  readonly lmtpPort?: number;
+  /** More main.cf settings (they override the defaults above; `''` empties one). */
   readonly main?: Readonly<Record<string, string>>;
 }
 
@@ -188,8 +190,8 @@ export async function startPostfix(options: PostfixOptions): Promise<Postfix> {
     mydestination: '',
     mynetworks: '127.0.0.0/8',
     relay_domains: 'example.test',
-    transport_maps: `inline:{ example.test=lmtp:inet:127.0.0.1:${options.lmtpPort} }`,
-    smtpd_milters: options.milter,
+    ...(options.lmtpPort !== undefined ? { transport_maps: `inline:{ example.test=lmtp:inet:127.0.0.1:${options.lmtpPort} }` } : {}),
+    ...(options.milter !== undefined ? { smtpd_milters: options.milter } : {}),
     milter_default_action: 'tempfail',
     smtputf8_enable: 'no',
     alias_maps: '',
