@@ -4,7 +4,9 @@
  * The public entry point. See docs/architecture.md for how the parts fit and
  * docs/writing-a-milter.md for the Milter interface.
  */
-export { createGateway, summarize, mixed } from './smtp/gateway.js';
+export { createGateway } from './smtp/gateway.js';
+export { handoff, summarize, mixed, isOutbound } from './handoff/handoff.js';
+export type { HandoffConfig, HandoffOutcome } from './handoff/handoff.js';
 export type { Gateway, GatewayOptions, ListenOptions, AuthRequest } from './smtp/gateway.js';
 
 export { defineMilter, validateMilter } from './milter/define.js';
@@ -86,6 +88,13 @@ export { MilterProtocolError, isMilterProtocolError } from './milter/protocol/er
 // Delivery over LMTP, the embedded LMTP store, and the durable deferred queue.
 export { lmtp, DEFAULT_LMTP_TIMEOUTS } from './delivery/lmtp.js';
 export type { LmtpOptions, LmtpTimeouts, LmtpTlsOptions, LmtpTransport, LmtpPoolStats } from './delivery/lmtp.js';
+export { smtp, DEFAULT_SMTP_TIMEOUTS } from './delivery/smtp.js';
+export type { SmtpOptions, SmtpTimeouts, SmtpTlsOptions, SmtpTransport } from './delivery/smtp.js';
+export { routes } from './delivery/routes.js';
+export type { RouteTable, RoutingTransport } from './delivery/routes.js';
+export { parseRelayhost, resolveNextHop } from './delivery/nexthop.js';
+export type { MxResolver, NextHop, NextHopHost, Destination } from './delivery/nexthop.js';
+export type { TlsLevel, PoolStats } from './delivery/client.js';
 export { createLmtpServer } from './delivery/lmtp-server.js';
 export type { LmtpServerOptions, LmtpServer } from './delivery/lmtp-server.js';
 export { createQueue, QueueChannels } from './delivery/queue.js';

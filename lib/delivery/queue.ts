@@ -145,7 +145,7 @@ export interface DeliveryQueue extends DeferredQueue {
    * recipients, and resolves; rejects when any of that could not be written (the gateway
    * then answers 4xx, not 250).
    */
-  defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly RecipientResult[]): Promise<void>;
+  defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly (RecipientResult | undefined)[]): Promise<void>;
   /** Loads the queue from disk (recovering from a crash) and starts the retry loop. */
   start(): Promise<void>;
   /** Stops starting attempts (those in flight finish); start() resumes. */
@@ -788,18 +788,22 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
 
   // ---- the API ----------------------------------------------------------------------------
 
-  async function defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly RecipientResult[]): Promise<void> {
+  async function defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly (RecipientResult | undefined)[]): Promise<void> {
     if (closed) throw new DovetailError(ErrorCodes.DELIVERY_FAILED, 'the queue is closed');
     if (results.length !== envelope.recipients.length) {
       throw new DovetailError(ErrorCodes.DELIVERY_FAILED, `defer(): ${results.length} results for ${envelope.recipients.length} recipients`);
     }
     await ready();
     const now = clock();
+    // A recipient without a result was never tried (routed outbound): it is due at once.
     const recipients: StoredRecipient[] = envelope.recipients.map((rcpt, i) => {
-      const res = results[i]!;
+      const res = results[i];
+      if (!res) return { address: rcpt.address, args: { ...rcpt.args }, status: 'deferred', attempts: 0, reply: null, reported: [] };
       const status: DeliveryStatus = res.status === 'delivered' || res.status === 'failed' ? res.status : 'deferred';
       return { address: rcpt.address, args: { ...rcpt.args }, status, attempts: 1, reply: storeReply(res.reply), reported: [] };
     });
+    const untried = results.some((r) => r === undefined);
+    const tried = results.some((r) => r !== undefined);
     const stub: StoredEntry = {
       version: 1,
       id: '',
@@ -807,13 +811,13 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
       sender: { address: envelope.sender.address, args: { ...envelope.sender.args } },
       arrival: now,
       size: message.size,
-      attempts: 1,
-      lastAttempt: now,
-      nextAttempt: now + backoff(1),
+      attempts: tried ? 1 : 0,
+      lastAttempt: tried ? now : null,
+      nextAttempt: untried ? now : now + backoff(1),
       lastReply: null,
       recipients,
     };
-    const worst = results.find((r) => r.status === 'deferred') ?? results.find((r) => r.status === 'failed');
+    const worst = results.find((r) => r?.status === 'deferred') ?? results.find((r) => r?.status === 'failed');
     stub.lastReply = worst ? storeReply(worst.reply) : null;
     // Nothing to keep: every recipient delivered and none asked to hear about it.
     if (pending(stub) === 0 && !needsReport(stub, now)) return;

@@ -39,9 +39,16 @@ export interface RecipientResult {
   readonly reply: SmtpReply;
 }
 
-/** A delivery transport (maildir(), lmtp(), or your own). */
+/** A delivery transport (maildir(), lmtp(), smtp(), routes(), or your own). */
 export interface Transport {
   readonly name: string;
+  /**
+   * True for a transport that sends mail on to another MTA (smtp()): the gateway writes
+   * its recipients to the durable queue and answers the client once they are on disk; the
+   * queue then delivers. Otherwise (a mailstore: lmtp(), maildir()) the gateway delivers
+   * before it answers. Default false.
+   */
+  readonly outbound?: boolean;
   /**
    * Recipient verification at RCPT (optional): asked for each recipient the milters
    * accepted, before the client is told 250. Resolve a 4xx/5xx reply to refuse the
@@ -60,13 +67,15 @@ export interface Transport {
 
 /**
  * Where the gateway puts a message whose recipients did not all end the same way (some
- * delivered, some deferred or failed): the queue must make the message and the deferred
- * recipients durable (fsync) before it resolves, because the client is told 250 next. It
- * retries the deferred ones and reports failed ones to the sender (DSN). A throw makes the
- * gateway answer 451 instead (the client retries the whole message).
+ * delivered, some deferred or failed), and every message with recipients routed to an
+ * outbound transport: the queue must make the message and its recipients' state durable
+ * (fsync) before it resolves, because the client is told 250 next. It delivers the
+ * recipients not yet tried (an `undefined` result) at once, retries the deferred ones, and
+ * reports failed ones to the sender (DSN). A throw makes the gateway answer 451 instead
+ * (the client retries the whole message).
  */
 export interface DeferredQueue {
-  defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly RecipientResult[]): Promise<void>;
+  defer(envelope: DeliveryEnvelope, message: MessageSource, results: readonly (RecipientResult | undefined)[]): Promise<void>;
   /** Called by the gateway's listen(): load what is on disk and start retrying. */
   start?(): Promise<void> | void;
   /** Called by the gateway's close() after transactions in flight, before the transports close. */

@@ -36,8 +36,10 @@ import { ChainSession, MilterChain, type MessageRun, type SessionFacts, type Sta
 import { formatHeader, MessageState, spoolBody, type StoredHeader } from '../milter/message.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 import type { AddressFamily, EnvelopeAddress, Milter, MilterTimeouts, TlsInfo } from '../milter/types.js';
-import type { DeferredQueue, RecipientResult, Transport } from '../delivery/types.js';
+import type { DeferredQueue, Transport } from '../delivery/types.js';
 import { maildir } from '../delivery/maildir.js';
+import { isRouting } from '../delivery/routes.js';
+import { handoff, mayRouteOutbound } from '../handoff/handoff.js';
 import { ingest, type IngestProblem } from './ingest.js';
 import type { SpoolOptions } from './spool.js';
 import { newQueueId, receivedValue } from './received.js';
@@ -65,15 +67,21 @@ export interface GatewayOptions {
   readonly listen?: ListenOptions | readonly ListenOptions[];
   /** The milter chain, in order. */
   readonly milters?: readonly Milter[];
-  /** Where accepted messages go. */
+  /**
+   * Where accepted messages go: a mailstore transport (lmtp(), maildir()), or routes({ … })
+   * to route each recipient by domain. Recipients routed to an outbound transport (smtp())
+   * are written to `queue` before the client is answered; every other recipient is
+   * delivered before the client is answered.
+   */
   readonly delivery: Transport;
   /** Where quarantined messages go. Default: maildir({ root: 'var/quarantine' }). */
   readonly quarantine?: Transport;
   /**
    * Where a message goes when its recipients did not all end alike (some delivered, some
-   * deferred or failed): the client is then told 250 once the queue has it on disk. Without
-   * a queue such a message is answered with the worst reply, so the client retries it
-   * (duplicates for those already delivered, never a loss).
+   * deferred or failed), and where recipients routed to an outbound transport go: the
+   * client is then told 250 once the queue has it on disk. Required when `delivery` can
+   * route outbound. Without a queue, mixed results are answered with the worst reply, so
+   * the client retries (duplicates for those already delivered, never a loss).
    */
   readonly queue?: DeferredQueue;
   /** Ask the delivery transport about each recipient at RCPT (when it can: Transport.verifyRecipient). Default false. */
@@ -107,6 +115,11 @@ export interface GatewayOptions {
   readonly maxMessageBytes?: number;
   /** The largest header block kept in memory. Default 1 MiB. */
   readonly maxHeaderBytes?: number;
+  /**
+   * A message with more `Received:` headers than this is refused with `554 5.4.6` (a mail
+   * loop; Postfix: hopcount_limit). Default 50.
+   */
+  readonly maxHops?: number;
   /** Recipients per message (Postfix: smtpd_recipient_limit). Default 1000. */
   readonly maxRecipients?: number;
   /** Concurrent connections per listener. Default 1000. */
@@ -197,8 +210,10 @@ const HTTP_METHODS = new Set(['OPTIONS', 'GET', 'HEAD', 'POST', 'PUT', 'DELETE',
 
 const REPLIES = {
   headerTooLarge: smtpReply(552, '5.3.4', 'Error: message header too big'),
+  tooManyHops: smtpReply(554, '5.4.6', 'Error: too many hops (mail forwarding loop)'),
   bareLineEnding: smtpReply(550, '5.5.2', 'Error: bare <CR> or <LF> in message data (RFC 5321 2.3.8)'),
   noRecipients: smtpReply(554, '5.5.1', 'Error: no valid recipients'),
+  noRoute: smtpReply(550, '5.1.2', 'Error: recipient address rejected: no route to this domain'),
   internal: smtpReply(451, '4.3.0', 'Error: internal error, try again later'),
   closing: smtpReply(421, '4.3.2', 'Service shutting down, try again later'),
   authNeedsTls: smtpReply(538, '5.7.11', 'Encryption required for requested authentication mechanism'),
@@ -248,23 +263,6 @@ function domainOf(address: string): string {
   return at < 0 ? '' : address.slice(at + 1);
 }
 
-/** True when the recipients did not all end alike (so no single SMTP reply tells the truth). */
-export function mixed(results: readonly RecipientResult[]): boolean {
-  return results.some((r) => r.status !== results[0]?.status);
-}
-
-/**
- * The one SMTP reply for a message's per-recipient results: all delivered → 250; otherwise
- * the reply of the first temporary failure if there is one (the client retries; recipients
- * already stored may get a duplicate, none is lost), else the first permanent failure.
- */
-export function summarize(results: readonly RecipientResult[], queueId: string): { ok: boolean; reply: SmtpReply } {
-  const deferred = results.find((r) => r.status === 'deferred');
-  const failed = results.find((r) => r.status === 'failed');
-  if (!deferred && !failed) return { ok: true, reply: smtpReply(250, '2.0.0', `Ok: queued as ${queueId}`) };
-  return { ok: false, reply: (deferred ?? failed)?.reply ?? REPLIES.internal };
-}
-
 /** Checks the options up front, so a typo fails at start-up and not at the first DATA. */
 function validateOptions(options: GatewayOptions, listen: readonly ListenOptions[]): void {
   const bad = (why: string): never => {
@@ -280,6 +278,10 @@ function validateOptions(options: GatewayOptions, listen: readonly ListenOptions
   positive('maxMessageBytes', options.maxMessageBytes);
   positive('maxHeaderBytes', options.maxHeaderBytes);
   positive('maxRecipients', options.maxRecipients);
+  positive('maxHops', options.maxHops);
+  if (options.delivery && mayRouteOutbound(options.delivery) && !options.queue) {
+    bad(`delivery ${options.delivery.name} routes recipients to an outbound transport: createGateway needs a queue (createQueue({ dir, transport }))`);
+  }
   positive('maxClients', options.maxClients);
   positive('socketTimeout', options.socketTimeout);
   positive('closeTimeout', options.closeTimeout, 0);
@@ -316,6 +318,7 @@ export function createGateway(options: GatewayOptions): Gateway {
   // RFC 5321 4.5.3.1.10 / RFC 1870: say who refused and what the limit is.
   const tooLarge = smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`);
   const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
+  const maxHops = options.maxHops ?? 50;
   const DEFAULT_QUARANTINE_ROOT = path.resolve('var/quarantine');
   const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT });
   const sessions = new WeakMap<SMTPServerSession, GatewaySession>();
@@ -426,6 +429,8 @@ export function createGateway(options: GatewayOptions): Gateway {
     m['{rcpt_mailer}'] = 'smtp';
     const reply = refusal(await run.rcpt(rcpt));
     if (reply) throw replyError(reply);
+    // A recipient the routing table has no route for is refused now, not bounced later.
+    if (isRouting(options.delivery) && !options.delivery.route(rcpt.address)) throw replyError(REPLIES.noRoute);
     const verify = options.verifyRecipients ? options.delivery.verifyRecipient : undefined;
     if (verify) {
       let answer: SmtpReply | undefined;
@@ -472,6 +477,13 @@ export function createGateway(options: GatewayOptions): Gateway {
         await run.abort();
         throw replyError(dataReply);
       }
+      // RFC 5321 6.3: a message that went round too often is a loop (Postfix counts Received: and Delivered-To:).
+      let hops = 0;
+      for (const h of got.headers) if (/^(received|delivered-to)$/i.test(h.name)) hops++;
+      if (hops > maxHops) {
+        await run.abort();
+        throw replyError(REPLIES.tooManyHops);
+      }
       if (run.discarded) {
         run.finish();
         return `Ok: queued as ${run.queueId}`;
@@ -506,45 +518,18 @@ export function createGateway(options: GatewayOptions): Gateway {
         return `Ok: queued as ${run.queueId}`;
       }
       if (state.recipients.length === 0) throw replyError(REPLIES.noRecipients);
-      const envelope = { queueId: run.queueId, sender: state.sender, recipients: state.recipients };
-      let transport = options.delivery;
-      if (state.quarantine !== undefined) {
-        state.headers.unshift(formatHeader('X-Dovetail-Quarantine', state.quarantine));
-        transport = quarantineTransport;
-      }
-      let results: RecipientResult[];
-      try {
-        results = await transport.deliver(envelope, state.source());
-        if (results.length !== envelope.recipients.length) {
-          throw new DovetailError(ErrorCodes.DELIVERY_FAILED, `transport ${transport.name} returned ${results.length} results for ${envelope.recipients.length} recipients`);
-        }
-      } catch (err) {
-        channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, error: err });
-        results = envelope.recipients.map((r) => ({ recipient: r.address, status: 'deferred', reply: REPLIES.internal }));
-      }
-      let summary = summarize(results, run.queueId);
-      // The queue retries through the delivery transport: a quarantined message never goes there.
-      if (!summary.ok && options.queue && transport === options.delivery && mixed(results)) {
-        try {
-          await options.queue.defer(envelope, state.source(), results);
-          summary = { ok: true, reply: smtpReply(250, '2.0.0', `Ok: queued as ${run.queueId}`) };
-        } catch (err) {
-          // Not on disk: the client must keep the message and retry (a 5xx here would bounce
-          // recipients that were delivered or only deferred).
-          channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, error: err });
-          summary = { ok: false, reply: REPLIES.internal };
-        }
-      }
+      const outcome = await handoff(gs.facts.sessionId, run.queueId, state, { delivery: options.delivery, quarantine: quarantineTransport, queue: options.queue });
       channels.message.publish({
         sessionId: gs.facts.sessionId,
         queueId: run.queueId,
         size: state.size,
         quarantine: state.quarantine,
-        results,
-        reply: summary.reply,
+        results: outcome.results,
+        queued: outcome.queued,
+        reply: outcome.reply,
       });
-      if (!summary.ok) throw replyError(summary.reply);
-      return summary.reply.lines.join(' ');
+      if (!outcome.ok) throw replyError(outcome.reply);
+      return outcome.reply.lines.join(' ');
     } finally {
       run.finish();
       await state?.dispose();

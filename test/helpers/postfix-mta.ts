@@ -13,9 +13,9 @@
  *   authenticated (SASL via a private Dovecot auth service, dovecot-auth.ts), and offers AUTH
  *   only after STARTTLS (self-signed certificate for smarthost.test).
  *
- * Postfix's own bounces are never delivered: the remote MX sends mail for other domains to
- * the `error` transport. stop() stops Postfix, then Dovecot and the sink, and removes the
- * temp files.
+ * The remote MX's own bounces go nowhere (mail for other domains takes the `error`
+ * transport, so nothing leaves loopback); the smarthost sends everything, bounces included,
+ * to its sink. stop() stops Postfix, then Dovecot and the sink, and removes the temp files.
  */
 import fs from 'node:fs/promises';
 import os from 'node:os';

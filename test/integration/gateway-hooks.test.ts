@@ -40,7 +40,7 @@ test('queue: mixed results are handed to the queue and answered 250; a queue tha
   const queue: DeferredQueue = {
     async defer(envelope, msg, results) {
       if (failQueue) throw new Error('disk full');
-      handed.push({ recipients: envelope.recipients.map((r) => r.address), statuses: results.map((x) => x.status), size: msg.size });
+      handed.push({ recipients: envelope.recipients.map((r) => r.address), statuses: results.map((x) => x?.status ?? 'untried'), size: msg.size });
     },
   };
   const delivery: Transport = {
