@@ -23,9 +23,10 @@
  * with ip-address; an IPv4-mapped IPv6 client matches the IPv4 networks and vice versa.
  */
 import net from 'node:net';
-import { domainToASCII, domainToUnicode } from 'node:url';
 import { Address4, Address6 } from 'ip-address';
-import { defineMilter, reject, DovetailError, ErrorCodes, type EnvelopeAddress, type MessageContext, type Milter } from '../lib/index.js';
+import { canonicalDomain, defineMilter, domainSet, reject, DovetailError, ErrorCodes, type EnvelopeAddress, type MessageContext, type Milter } from '../lib/index.js';
+
+export { canonicalDomain };
 
 /** Options of {@link relayControl}. Domain names may be given as U-labels or A-labels, in any case. */
 export interface RelayControlOptions {
@@ -81,46 +82,12 @@ const bad = (why: string): never => {
   throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `relayControl: ${why}`);
 };
 
-/**
- * A domain in its canonical A-label form, lower-case, without one trailing dot; undefined
- * when it is not a valid domain name or when IDNA maps it to a different spelling.
- */
-export function canonicalDomain(domain: string): string | undefined {
-  const d = domain.endsWith('.') && !domain.endsWith('..') ? domain.slice(0, -1) : domain;
-  if (!d || d.length > 253) return undefined;
-  const ascii = domainToASCII(d);
-  if (!ascii || ascii.endsWith('.') || ascii.split('.').some((l) => !l || l.length > 63)) return undefined;
-  if (!/^[a-z0-9_-]+(\.[a-z0-9_-]+)*$/.test(ascii)) return undefined;
-  // WHATWG host parsing turns `0x7f.1` into 127.0.0.1: a bare number is not a domain.
-  if (net.isIP(ascii)) return undefined;
-  // Each label must be spelt as itself, in A-label or U-label form (any case): spellings
-  // IDNA maps onto another name (full-width letters, U+3002 as a dot, soft hyphens) are not ours.
-  const given = d.normalize('NFC').toLowerCase().split('.');
-  const labels = ascii.split('.');
-  if (given.length !== labels.length) return undefined;
-  for (let i = 0; i < labels.length; i++) {
-    const a = labels[i] as string;
-    const g = given[i] as string;
-    if (g !== a && domainToUnicode(a) !== g) return undefined;
-  }
-  return ascii;
-}
-
 function domainMatcher(list: readonly string[] | undefined, subdomains: boolean, what: string): Matcher {
-  const exact = new Set<string>();
-  const parents: string[] = [];
-  for (const entry of list ?? []) {
-    if (typeof entry !== 'string') bad(`${what} entries must be strings`);
-    const dotted = entry.startsWith('.');
-    const d = canonicalDomain(dotted ? entry.slice(1) : entry);
-    if (d === undefined) bad(`${what}: ${JSON.stringify(entry)} is not a domain name`);
-    if (dotted) parents.push('.' + d);
-    else {
-      exact.add(d as string);
-      if (subdomains) parents.push('.' + d);
-    }
+  try {
+    return domainSet(list ?? [], { subdomains });
+  } catch (err) {
+    return bad(`${what}: ${(err as Error).message}`);
   }
-  return (domain) => exact.has(domain) || parents.some((p) => domain.endsWith(p));
 }
 
 /** An IP address in one canonical form (IPv4 dotted; IPv6 canonical), IPv4-mapped IPv6 as IPv4. */

@@ -5,6 +5,8 @@
  * mailstore runs with no outside server (the role Dovecot's LMTP plays in Postfix setups).
  *
  * Replies (exact codes, enhanced codes and texts):
+ * - a domain outside `domains`: `550 5.1.1 <addr>: Recipient address rejected: this
+ *   mailstore does not hold mail for its domain`, at RCPT;
  * - unknown user (with `users`, `unknownUser: 'reject'`): `550 5.1.1 <addr>: User unknown in
  *   local recipient table`, at RCPT;
  * - over quota: `552 5.2.2 <addr>: Mailbox full`, at RCPT when the mailbox is already full or
@@ -28,7 +30,7 @@ import type { EnvelopeAddress } from '../milter/types.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 import { adoptConnection, ExactConnection, isReplyError, markedReply, replyError, type ConnectionOptions } from '../smtp/exact-replies.js';
 import { spoolFrom, type SpoolOptions } from '../smtp/spool.js';
-import { defaultMailbox, maildir } from './maildir.js';
+import { defaultMailbox, maildir, notServed, servedDomains } from './maildir.js';
 import type { RecipientResult } from './types.js';
 
 export interface LmtpServerOptions {
@@ -38,6 +40,12 @@ export interface LmtpServerOptions {
   readonly listen: { readonly host?: string; readonly port: number } | { readonly path: string };
   /** Per-user limit in bytes: one number for every user, or a function of the lower-cased address (Infinity = none). */
   readonly quota?: { readonly maxBytes: number } | ((user: string) => number);
+  /**
+   * The domains this store holds mail for (`example.com`, `.example.com` for subdomains):
+   * a recipient of any other domain is refused at RCPT with `550 5.1.1`. Default: every
+   * domain (give it whenever the gateway can relay).
+   */
+  readonly domains?: readonly string[];
   /** Known users: a list of addresses (case-insensitive) or a predicate. Default: everyone. */
   readonly users?: readonly string[] | ((address: string) => boolean);
   /** What to do with an address `users` does not know. Default 'reject' (550 5.1.1 at RCPT). */
@@ -84,7 +92,8 @@ export async function createLmtpServer(options: LmtpServerOptions): Promise<Lmtp
     throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'createLmtpServer() needs listen: { host, port } or { path }');
   }
   const root = path.resolve(options.root);
-  const store = maildir({ root, fsync: options.fsync ?? true });
+  const store = maildir({ root, fsync: options.fsync ?? true, ...(options.domains ? { domains: options.domains } : {}) });
+  const serves = servedDomains('createLmtpServer()', options.domains);
   const maxBytes = options.maxMessageBytes ?? 50 * 1024 * 1024;
   const quota = options.quota;
   const limitOf = (user: string): number =>
@@ -122,6 +131,10 @@ export async function createLmtpServer(options: LmtpServerOptions): Promise<Lmtp
 
   async function onRcptTo(address: SMTPServerAddress, session: SMTPServerSession): Promise<void> {
     const rcpt = toEnvelope(address);
+    if (!serves(rcpt.address)) {
+      counters.refused++;
+      throw replyError(notServed(rcpt.address));
+    }
     if (!known(rcpt.address)) {
       counters.refused++;
       throw replyError(smtpReply(550, '5.1.1', `<${rcpt.address}>: User unknown in local recipient table`));

@@ -32,6 +32,7 @@ import { smtpReply } from '../milter/verdict.js';
 import type { SmtpReply } from '../milter/verdict.js';
 import type { DeliveryEnvelope, MessageSource, RecipientResult, Transport } from './types.js';
 import { syncDir, writeFileDurably } from './durable.js';
+import { canonicalDomain, domainOf, domainSet } from './domains.js';
 
 /** Options of {@link maildir}. */
 export interface MaildirOptions {
@@ -54,11 +55,39 @@ export interface MaildirOptions {
   fsync?: boolean;
   /** Host name used in unique file names. Default os.hostname(). */
   hostname?: string;
+  /**
+   * The domains this store holds mail for (`example.com`, `.example.com` for subdomains).
+   * A recipient of any other domain fails with `550 5.1.1` and nothing is written for it, so
+   * relayed mail never lands in a local folder. Default: every domain (give it whenever the
+   * gateway can relay).
+   */
+  domains?: readonly string[];
 }
 
 const DELIVERY_ERROR = smtpReply(451, '4.3.0', 'Local delivery error');
 const NO_STORAGE = smtpReply(452, '4.3.1', 'Insufficient system storage');
 const BAD_MAILBOX = smtpReply(550, '5.1.3', 'Bad destination mailbox address syntax');
+
+/** The reply for a recipient of a domain the store does not hold mail for. */
+export function notServed(address: string): SmtpReply {
+  return smtpReply(550, '5.1.1', `<${address}>: Recipient address rejected: this mailstore does not hold mail for its domain`);
+}
+
+/** A test for "this store holds mail for the address's domain" from a `domains` option (undefined: every domain). */
+export function servedDomains(who: string, domains: readonly string[] | undefined): (address: string) => boolean {
+  if (domains === undefined) return () => true;
+  if (!Array.isArray(domains)) throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `${who}: domains must be an array of domain names`);
+  let has: (canonical: string) => boolean;
+  try {
+    has = domainSet(domains);
+  } catch (err) {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `${who}: domains: ${(err as Error).message}`);
+  }
+  return (address) => {
+    const d = canonicalDomain(domainOf(address));
+    return d !== undefined && has(d);
+  };
+}
 
 /** Longest single path component on the file systems we run on (NAME_MAX). */
 const NAME_MAX = 255;
@@ -118,6 +147,7 @@ export function maildir(options: MaildirOptions): Transport {
   }
   const root = path.resolve(options.root);
   const mailboxOf = options.mailbox ?? defaultMailbox;
+  const serves = servedDomains('maildir()', options.domains);
   const returnPath = options.returnPath ?? true;
   const sync = options.fsync ?? true;
   const host = escapeHost(options.hostname ?? os.hostname());
@@ -166,6 +196,10 @@ export function maildir(options: MaildirOptions): Transport {
     // 1. Folder per recipient; one Box per distinct folder, in order of first appearance.
     const boxes = new Map<string, Box>();
     recipients.forEach((rcpt, i) => {
+      if (!serves(rcpt.address)) {
+        results[i] = { recipient: rcpt.address, status: 'failed', reply: notServed(rcpt.address) };
+        return;
+      }
       let name: unknown;
       try {
         name = mailboxOf(rcpt);

@@ -18,10 +18,10 @@
  * keys), rewrite next hops (`smtp:[host]` values: give each route its own smtp({ relayhost })),
  * or look anything up outside the table.
  */
-import { domainToASCII } from 'node:url';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import type { EnvelopeAddress } from '../milter/types.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
+import { canonicalDomain, domainOf } from './domains.js';
 import type { DeliveryEnvelope, MessageSource, RecipientResult, Transport } from './types.js';
 
 /** The routing table: domain → transport; `.domain` for its subdomains; `'*'` for the rest. */
@@ -45,19 +45,6 @@ export interface RoutingTransport extends Transport {
 
 const NO_ROUTE = smtpReply(550, '5.1.2', 'Recipient address rejected: no route to this domain (not in the routing table)');
 
-/** A domain's canonical form for the table; undefined when it is not a domain name. */
-function canonical(domain: string): string | undefined {
-  const d = domain.toLowerCase().replace(/\.$/, '');
-  if (d === '' || d.startsWith('[')) return undefined;
-  const ascii = domainToASCII(d);
-  return ascii === '' ? undefined : ascii;
-}
-
-function domainOf(address: string): string {
-  const at = address.lastIndexOf('@');
-  return at < 0 ? '' : address.slice(at + 1);
-}
-
 /**
  * Creates a routing transport from a table.
  *
@@ -79,15 +66,15 @@ export function routes(table: RouteTable): RoutingTransport {
       continue;
     }
     const dotted = key.startsWith('.');
-    const d = canonical(dotted ? key.slice(1) : key);
-    if (d === undefined || !/^[a-z0-9_-]+(\.[a-z0-9_-]+)*$/.test(d)) bad(`${JSON.stringify(key)} is not a domain, .domain or '*'`);
+    const d = canonicalDomain(dotted ? key.slice(1) : key);
+    if (d === undefined) bad(`${JSON.stringify(key)} is not a domain, .domain or '*'`);
     (dotted ? parents : exact).set(d as string, transport);
     if (transport.outbound !== true) localDomains.push(dotted ? `.${d}` : (d as string));
   }
   if (exact.size + parents.size === 0 && fallback === undefined) bad('the table is empty');
 
   function route(address: string): Transport | undefined {
-    const d = canonical(domainOf(address));
+    const d = canonicalDomain(domainOf(address));
     if (d === undefined) return fallback;
     const hit = exact.get(d);
     if (hit) return hit;
