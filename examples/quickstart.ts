@@ -63,7 +63,7 @@ export async function startQuickstart(options: QuickstartOptions = {}): Promise<
   const hostname = options.hostname ?? 'mx.dovetail.test';
   await mkdir(root, { recursive: true });
   await mkdir(path.join(base, 'quarantine'), { recursive: true });
-  const store = await createLmtpServer({ root, listen: { host: '127.0.0.1', port: 0 }, unknownUser: 'accept', hostname: 'store.dovetail.test' });
+  const store = await createLmtpServer({ root, listen: { host: '127.0.0.1', port: 0 }, domains: ['example.test'], unknownUser: 'accept', hostname: 'store.dovetail.test' });
   const at = store.address as { host: string; port: number };
   const delivery = lmtp({ host: at.host, port: at.port });
   const gateway = createGateway({
