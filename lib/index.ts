@@ -74,7 +74,7 @@ export type { Transport, DeliveryEnvelope, MessageSource, RecipientResult, Deliv
 export { DovetailError, ErrorCodes, isDovetailError } from './errors.js';
 export type { ErrorCode } from './errors.js';
 export { Channels } from './diagnostics.js';
-export type { SpoolOptions } from './smtp/spool.js';
+export type { SpoolOptions } from './message/spool.js';
 
 // The Sendmail milter protocol, both sides.
 export { connectMilter, POSTFIX_DEFAULT_MACROS, parseReplyCode, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MILTER_COMMAND_TIMEOUT, DEFAULT_MILTER_CONTENT_TIMEOUT } from './milter/protocol/client.js';

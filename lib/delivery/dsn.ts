@@ -24,7 +24,7 @@ import libmime from 'libmime';
 import Headers from 'mailsplit/lib/headers.js';
 import type { EnvelopeAddress } from '../milter/types.js';
 import type { SmtpReply } from '../milter/verdict.js';
-import { rfc5322Date } from '../smtp/received.js';
+import { rfc5322Date } from '../message/ids.js';
 
 /** What a DSN reports for one recipient (RFC 3464 2.3.3). */
 export type DsnAction = 'failed' | 'delayed' | 'delivered';

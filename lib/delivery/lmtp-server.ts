@@ -28,8 +28,8 @@ import { channels } from '../diagnostics.js';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import type { EnvelopeAddress } from '../milter/types.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
-import { adoptConnection, ExactConnection, isReplyError, markedReply, replyError, type ConnectionOptions } from '../smtp/exact-replies.js';
-import { spoolFrom, type SpoolOptions } from '../smtp/spool.js';
+import { adoptConnection, ExactConnection, isReplyError, markedReply, replyError, type ConnectionOptions } from '../smtp-server/exact-replies.js';
+import { spoolFrom, type SpoolOptions } from '../message/spool.js';
 import { defaultMailbox, maildir, notServed, servedDomains } from './maildir.js';
 import type { RecipientResult } from './types.js';
 

@@ -33,7 +33,7 @@ import { channels } from '../diagnostics.js';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import type { EnvelopeAddress } from '../milter/types.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
-import { newQueueId } from '../smtp/received.js';
+import { newQueueId } from '../message/ids.js';
 import { buildDsn, headerBlock, notifyOf, retOf, type DsnAction, type DsnRecipient } from './dsn.js';
 import type { DeferredQueue, DeliveryEnvelope, DeliveryStatus, MessageSource, RecipientResult, Transport } from './types.js';
 import { syncDir, writeFileDurably } from './durable.js';

@@ -3,9 +3,11 @@
  * result per recipient. The gateway answers the client's DATA only after the transport has
  * answered, so a transport must not report `delivered` before the message is durable.
  */
-import type { Readable } from 'node:stream';
 import type { EnvelopeAddress } from '../milter/types.js';
 import type { SmtpReply } from '../milter/verdict.js';
+import type { MessageSource } from '../message/source.js';
+
+export type { MessageSource } from '../message/source.js';
 
 /** The envelope handed to a transport. */
 export interface DeliveryEnvelope {
@@ -13,14 +15,6 @@ export interface DeliveryEnvelope {
   readonly queueId: string;
   readonly sender: EnvelopeAddress;
   readonly recipients: readonly EnvelopeAddress[];
-}
-
-/** The message handed to a transport: may be read several times. */
-export interface MessageSource {
-  /** Size in bytes of what stream() yields. */
-  readonly size: number;
-  /** A fresh stream of the whole message (headers, blank line, body), CRLF line endings. */
-  stream(): Readable;
 }
 
 /**

@@ -39,7 +39,7 @@ import type {
   SessionContext,
   TlsInfo,
 } from './types.js';
-import type { SpoolOptions } from '../smtp/spool.js';
+import type { SpoolOptions } from '../message/spool.js';
 
 /** Postfix's milter_command_timeout default. */
 export const DEFAULT_COMMAND_TIMEOUT = 30_000;

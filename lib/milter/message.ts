@@ -16,8 +16,8 @@ import { pipeline } from 'node:stream/promises';
 import libmime from 'libmime';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import type { EnvelopeAddress, HeaderField } from './types.js';
-import type { MessageSource } from '../delivery/types.js';
-import { Spool, type SpoolOptions } from '../smtp/spool.js';
+import type { MessageSource } from '../message/source.js';
+import { Spool, type SpoolOptions } from '../message/spool.js';
 
 /** A header field with the bytes it is written as (including the final CRLF). */
 export interface StoredHeader extends HeaderField {

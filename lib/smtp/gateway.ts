@@ -1,7 +1,11 @@
 /**
- * The SMTP gateway: smtp-server for the protocol, the milter chain at every stage, a
- * bounded spool for DATA, and a transport for delivery. It is a before-queue filter: the
- * client's DATA is answered only after the transport has answered.
+ * The SMTP gateway: the adapter between smtp-server (the protocol) and the milter chain (at
+ * every stage), with a bounded spool for DATA; at the end of DATA it hands the message to
+ * lib/handoff (local recipients delivered, outbound ones queued) and answers the client
+ * with the one reply that hands back. Its parts: options.ts (options and their checks),
+ * connection.ts (smtp-server's connection class with our hooks), session.ts (session facts
+ * and macros), auth.ts (SMTP AUTH), ingest.ts (DATA into the spool), received.ts (trace
+ * header); this file wires them to smtp-server and runs the stages.
  *
  * How each milter stage is reached on smtp-server (which has callbacks for connect, MAIL,
  * RCPT and DATA only):
@@ -18,195 +22,32 @@
  * - unknown: before smtp-server answers a command it does not recognise (500), our
  *   connection subclass runs the unknown stage; a reject/tempfail is the reply instead.
  *
- * Delivery results map to the one SMTP reply without loss: all delivered → 250; all alike
- * → that reply; mixed → 250 once the configured DeferredQueue has the message on disk (it
- * retries and sends DSNs), or, with no queue, the worst reply so the client retries
- * (duplicates for those already stored, never a loss).
+ * The reply after DATA is lib/handoff's (see there): never a 250 for a message that is not
+ * stored, queued on disk, or discarded by a milter.
  */
 import { mkdir } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import net from 'node:net';
+import type net from 'node:net';
 import type tls from 'node:tls';
-import { SMTPServer, type SMTPServerAddress, type SMTPServerAuthentication, type SMTPServerDataStream, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
-import { adoptConnection, ExactConnection, isReplyError, markedReply, replyError, type ConnectionOptions } from './exact-replies.js';
+import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
+import { adoptConnection, isReplyError, replyError, type ConnectionOptions } from '../smtp-server/exact-replies.js';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import { channels } from '../diagnostics.js';
 import { ChainSession, MilterChain, type MessageRun, type SessionFacts, type StageOutcome } from '../milter/chain.js';
 import { formatHeader, MessageState, spoolBody, type StoredHeader } from '../milter/message.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
-import type { AddressFamily, EnvelopeAddress, Milter, MilterTimeouts, TlsInfo } from '../milter/types.js';
-import type { DeferredQueue, Transport } from '../delivery/types.js';
 import { maildir } from '../delivery/maildir.js';
 import { isRouting } from '../delivery/routes.js';
-import { handoff, mayRouteOutbound } from '../handoff/handoff.js';
+import { handoff } from '../handoff/handoff.js';
+import { authHandler } from './auth.js';
+import { GatewayConnection } from './connection.js';
 import { ingest, type IngestProblem } from './ingest.js';
-import type { SpoolOptions } from './spool.js';
+import { validateOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
 import { newQueueId, receivedValue } from './received.js';
+import { domainOf, MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
 
-/** One listening socket. */
-export interface ListenOptions {
-  /** Default 127.0.0.1. */
-  readonly host?: string;
-  /** 0 picks a free port (see {@link Gateway.addresses}). */
-  readonly port: number;
-}
-
-/** Credentials from SMTP AUTH (PLAIN or LOGIN), offered only after STARTTLS unless allowed. */
-export interface AuthRequest {
-  readonly method: string;
-  readonly username: string;
-  readonly password: string;
-  readonly client: { readonly address: string; readonly tls: boolean };
-}
-
-export interface GatewayOptions {
-  /** Our host name: the greeting, the Received header, macro `j`. Default os.hostname(). */
-  readonly hostname?: string;
-  /** Where to listen. Default 127.0.0.1:2525. */
-  readonly listen?: ListenOptions | readonly ListenOptions[];
-  /** The milter chain, in order. */
-  readonly milters?: readonly Milter[];
-  /**
-   * Where accepted messages go: a mailstore transport (lmtp(), maildir()), or routes({ … })
-   * to route each recipient by domain. Recipients routed to an outbound transport (smtp())
-   * are written to `queue` before the client is answered; every other recipient is
-   * delivered before the client is answered.
-   */
-  readonly delivery: Transport;
-  /** Where quarantined messages go. Default: maildir({ root: 'var/quarantine' }). */
-  readonly quarantine?: Transport;
-  /**
-   * Where a message goes when its recipients did not all end alike (some delivered, some
-   * deferred or failed), and where recipients routed to an outbound transport go: the
-   * client is then told 250 once the queue has it on disk. Required when `delivery` can
-   * route outbound. Without a queue, mixed results are answered with the worst reply, so
-   * the client retries (duplicates for those already delivered, never a loss).
-   */
-  readonly queue?: DeferredQueue;
-  /** Ask the delivery transport about each recipient at RCPT (when it can: Transport.verifyRecipient). Default false. */
-  readonly verifyRecipients?: boolean;
-  /** Key and certificate (PEM) to offer STARTTLS. Without them STARTTLS is not offered. */
-  readonly tls?: { readonly key: string | Buffer; readonly cert: string | Buffer };
-  /** SMTP AUTH: return true to accept the credentials. Without it AUTH is not offered. */
-  readonly authenticate?: (request: AuthRequest) => Promise<boolean>;
-  /**
-   * Offer and accept AUTH on connections without TLS. Default false: without TLS, EHLO
-   * does not advertise AUTH and an AUTH command gets `538 5.7.11` (RFC 4954 section 6),
-   * whether or not STARTTLS is offered (Postfix: smtpd_tls_auth_only = yes).
-   */
-  readonly allowInsecureAuth?: boolean;
-  /**
-   * Delay before answering a failed AUTH, ms; it grows with each failure on the connection
-   * (n × delay). Default 1000 (Postfix: smtpd_error_sleep_time; Dovecot: auth_failure_delay).
-   */
-  readonly authFailureDelay?: number;
-  /**
-   * Failed AUTH attempts allowed on one connection; the last one is answered
-   * `421 4.7.0` and the connection is closed. Default 5 (Postfix counts them in
-   * smtpd_hard_error_limit).
-   */
-  readonly maxAuthFailures?: number;
-  /**
-   * The SIZE limit in bytes, advertised in EHLO, checked against MAIL FROM's SIZE=, and
-   * enforced while DATA streams. Default 50 MiB; a milter's `limits.maxMessageBytes`
-   * (sizeLimit) lowers it.
-   */
-  readonly maxMessageBytes?: number;
-  /** The largest header block kept in memory. Default 1 MiB. */
-  readonly maxHeaderBytes?: number;
-  /**
-   * A message with more `Received:` headers than this is refused with `554 5.4.6` (a mail
-   * loop; Postfix: hopcount_limit). Default 50.
-   */
-  readonly maxHops?: number;
-  /** Recipients per message (Postfix: smtpd_recipient_limit). Default 1000. */
-  readonly maxRecipients?: number;
-  /** Concurrent connections per listener. Default 1000. */
-  readonly maxClients?: number;
-  /** Bare CR or LF in DATA: refuse the message (default) or rewrite to CRLF. */
-  readonly bareLineEndings?: 'reject' | 'normalize';
-  /** RAM threshold and directory of the DATA spool. */
-  readonly spool?: SpoolOptions;
-  /** Look up the client's host name in DNS (PTR). Default true. */
-  readonly resolveClientNames?: boolean;
-  /** Timeouts for milters that set none (Postfix: milter_command_timeout / milter_content_timeout). */
-  readonly milterTimeouts?: MilterTimeouts;
-  /** Idle time before a client is disconnected, ms. Default 300 000 (Postfix smtpd_timeout). */
-  readonly socketTimeout?: number;
-  /** How long close() lets transactions in flight finish before cutting them off, ms. Default 30 000. */
-  readonly closeTimeout?: number;
-  /** Text after `ESMTP` in the greeting. */
-  readonly banner?: string;
-}
-
-/** A running gateway. */
-export interface Gateway {
-  /** Starts listening; resolves with the bound addresses. */
-  listen(): Promise<readonly { host: string; port: number }[]>;
-  /** Stops accepting, lets transactions in flight finish, says 421 to idle clients, then resolves. */
-  close(): Promise<void>;
-  /** The bound addresses (after listen()). */
-  readonly addresses: readonly { host: string; port: number }[];
-}
-
-/**
- * Our connection class: exact replies (ExactConnection), plus the hooks smtp-server lacks —
- * HELO/EHLO answered, and a command it does not recognise.
- */
-class GatewayConnection extends ExactConnection {
-  /** True unless allowInsecureAuth: AUTH exists only once the connection is encrypted. */
-  authNeedsTls = true;
-
-  /** smtp-server advertises and dispatches AUTH on plain text when STARTTLS is not offered; we never do unless allowed. */
-  override _isSupported(command: string): boolean {
-    if (this.authNeedsTls && !this.secure && String(command).trim().toUpperCase() === 'AUTH') return false;
-    return super._isSupported(command);
-  }
-
-  /** Called once smtp-server has answered a HELO/EHLO (it has no callback for it). */
-  onHelo: ((session: SMTPServerSession) => void) | undefined;
-
-  override handler_EHLO(command: Buffer, callback: () => void): void {
-    super.handler_EHLO(command, callback);
-    this.onHelo?.(this.session);
-  }
-
-  override handler_HELO(command: Buffer, callback: () => void): void {
-    super.handler_HELO(command, callback);
-    this.onHelo?.(this.session);
-  }
-
-  /** Asks the unknown stage about a command smtp-server does not recognise: a refusal to send, or undefined. */
-  onUnknown: ((session: SMTPServerSession, command: string) => Promise<SmtpReply | undefined>) | undefined;
-
-  override _onCommand(command: Buffer, callback?: () => void): void {
-    const line = (command ?? '').toString();
-    const name = line.split(' ', 1)[0]?.toUpperCase() ?? '';
-    if (name === 'AUTH' && this.authNeedsTls && !this.secure && !this._nextHandler && this._ready && !this._upgrading) {
-      this.send(538, markedReply(REPLIES.authNeedsTls));
-      callback?.();
-      return;
-    }
-    const ask = this.onUnknown;
-    // Only a real command word smtp-server would answer "500 command not recognized" for;
-    // everything else (AUTH continuations, TLS upgrade, early talkers, HTTP) is smtp-server's.
-    if (!ask || !this._ready || this._upgrading || this._nextHandler || !/^[A-Z][A-Z0-9-]{0,31}$/.test(name) || this._isSupported(name) || HTTP_METHODS.has(name)) {
-      super._onCommand(command, callback);
-      return;
-    }
-    ask(this.session, line).then(
-      (reply) => {
-        if (!reply) return super._onCommand(command, callback);
-        this.send(reply.code, markedReply(reply));
-        callback?.();
-      },
-      () => super._onCommand(command, callback),
-    );
-  }
-}
-
-const HTTP_METHODS = new Set(['OPTIONS', 'GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'TRACE', 'CONNECT']);
+export type { AuthRequest, Gateway, GatewayOptions, ListenOptions } from './options.js';
 
 const REPLIES = {
   headerTooLarge: smtpReply(552, '5.3.4', 'Error: message header too big'),
@@ -216,10 +57,6 @@ const REPLIES = {
   noRoute: smtpReply(550, '5.1.2', 'Error: recipient address rejected: no route to this domain'),
   internal: smtpReply(451, '4.3.0', 'Error: internal error, try again later'),
   closing: smtpReply(421, '4.3.2', 'Service shutting down, try again later'),
-  authNeedsTls: smtpReply(538, '5.7.11', 'Encryption required for requested authentication mechanism'),
-  authFailed: smtpReply(535, '5.7.8', 'Error: authentication failed'),
-  authTooMany: smtpReply(421, '4.7.0', 'Error: too many failed authentication attempts, closing connection'),
-  authUnavailable: smtpReply(454, '4.7.0', 'Temporary authentication failure'),
 } as const;
 
 interface GatewaySession {
@@ -231,74 +68,6 @@ interface GatewaySession {
   heloRefusal: SmtpReply | undefined;
   /** Failed AUTH attempts on this connection. */
   authFailures: number;
-}
-
-/** Macros that belong to one message and are cleared at each MAIL FROM. */
-const MESSAGE_MACROS = ['i', '{mail_addr}', '{mail_host}', '{mail_mailer}', '{rcpt_addr}', '{rcpt_host}', '{rcpt_mailer}', '{auth_type}', '{auth_authen}'];
-
-function family(address: string): AddressFamily {
-  if (net.isIPv4(address)) return 'ipv4';
-  if (net.isIPv6(address)) return 'ipv6';
-  return 'unknown';
-}
-
-function toEnvelopeAddress(a: SMTPServerAddress): EnvelopeAddress {
-  const args: Record<string, string | true> = {};
-  if (a.args) for (const [k, v] of Object.entries(a.args)) args[k.toUpperCase()] = v === true ? true : String(v);
-  return { address: a.address, args };
-}
-
-function cipherBits(name: string): number {
-  if (/CHACHA20|AES_?256|AES256/i.test(name)) return 256;
-  if (/AES_?128|AES128/i.test(name)) return 128;
-  return 0;
-}
-
-function utf8Protocol(protocol: string, sender: EnvelopeAddress): string {
-  return sender.args['SMTPUTF8'] ? protocol.replace(/^E?SMTP/, 'UTF8SMTP') : protocol;
-}
-
-function domainOf(address: string): string {
-  const at = address.lastIndexOf('@');
-  return at < 0 ? '' : address.slice(at + 1);
-}
-
-/** Checks the options up front, so a typo fails at start-up and not at the first DATA. */
-function validateOptions(options: GatewayOptions, listen: readonly ListenOptions[]): void {
-  const bad = (why: string): never => {
-    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, why);
-  };
-  if (!options || typeof options.delivery?.deliver !== 'function') bad('createGateway needs a delivery transport');
-  if (options.quarantine !== undefined && typeof options.quarantine.deliver !== 'function') bad('quarantine must be a transport');
-  const positive = (name: string, v: unknown, min = 1, max = Number.MAX_SAFE_INTEGER): void => {
-    if (v !== undefined && !(typeof v === 'number' && Number.isSafeInteger(v) && v >= min && v <= max)) {
-      bad(`${name} must be an integer from ${min} to ${max}`);
-    }
-  };
-  positive('maxMessageBytes', options.maxMessageBytes);
-  positive('maxHeaderBytes', options.maxHeaderBytes);
-  positive('maxRecipients', options.maxRecipients);
-  positive('maxHops', options.maxHops);
-  if (options.delivery && mayRouteOutbound(options.delivery) && !options.queue) {
-    bad(`delivery ${options.delivery.name} routes recipients to an outbound transport: createGateway needs a queue (createQueue({ dir, transport }))`);
-  }
-  positive('maxClients', options.maxClients);
-  positive('socketTimeout', options.socketTimeout);
-  positive('closeTimeout', options.closeTimeout, 0);
-  positive('authFailureDelay', options.authFailureDelay, 0);
-  positive('maxAuthFailures', options.maxAuthFailures);
-  positive('spool.memoryThreshold', options.spool?.memoryThreshold, 0);
-  positive('milterTimeouts.command', options.milterTimeouts?.command);
-  positive('milterTimeouts.content', options.milterTimeouts?.content);
-  if (options.bareLineEndings !== undefined && options.bareLineEndings !== 'reject' && options.bareLineEndings !== 'normalize') {
-    bad("bareLineEndings must be 'reject' or 'normalize'");
-  }
-  if (listen.length === 0) bad('listen needs at least one address');
-  for (const l of listen) {
-    if (l.port === undefined) bad('listen needs a port');
-    positive('listen port', l.port, 0, 65535);
-  }
-  if (options.tls && (!options.tls.key || !options.tls.cert)) bad('tls needs both key and cert');
 }
 
 /** Creates a gateway (call listen() to start it). */
@@ -331,35 +100,8 @@ export function createGateway(options: GatewayOptions): Gateway {
 
   const refusal = (out: StageOutcome): SmtpReply | undefined => (out.type === 'reject' || out.type === 'tempfail' ? out.reply : undefined);
 
-  function tlsInfo(socket: tls.TLSSocket): TlsInfo | undefined {
-    const c = socket.getCipher?.();
-    if (!c) return undefined;
-    return { version: socket.getProtocol() ?? c.version, cipher: c.standardName || c.name, bits: cipherBits(c.standardName || c.name) };
-  }
-
   async function onConnect(session: SMTPServerSession): Promise<void> {
-    const address = session.remoteAddress;
-    const named = !!session.clientHostname && !session.clientHostname.startsWith('[');
-    const facts: SessionFacts = {
-      sessionId: session.id,
-      client: { address, port: session.remotePort, hostname: session.clientHostname || `[${address}]`, family: family(address) },
-      server: { hostname, address: session.localAddress, port: session.localPort },
-      helo: undefined,
-      tls: undefined,
-      auth: undefined,
-      macros: {
-        j: hostname,
-        '{daemon_name}': 'dovetail',
-        '{daemon_addr}': session.localAddress,
-        '{daemon_port}': String(session.localPort),
-        v: 'dovetail',
-        _: `${named ? session.clientHostname : 'unknown'} [${address}]`,
-        '{client_addr}': address,
-        '{client_port}': String(session.remotePort),
-        '{client_name}': named ? session.clientHostname : 'unknown',
-        '{client_ptr}': named ? session.clientHostname : 'unknown',
-      },
-    };
+    const facts = sessionFacts(session, hostname);
     const gs: GatewaySession = { facts, chain: chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0 };
     sessions.set(session, gs);
     channels.connect.publish({ sessionId: session.id, client: facts.client });
@@ -610,33 +352,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         }
         cb();
       },
-      onAuth: (auth: SMTPServerAuthentication, session, cb) => {
-        const check = options.authenticate;
-        if (!check || (auth.method !== 'PLAIN' && auth.method !== 'LOGIN')) {
-          return cb(Object.assign(new Error('Authentication not available'), { responseCode: 504 }));
-        }
-        // The connection class already refuses AUTH without TLS; this is the second lock.
-        if (!session.secure && !insecureAuth) return cb(replyError(REPLIES.authNeedsTls));
-        const gs = sessions.get(session);
-        check({
-          method: auth.method,
-          username: auth.username ?? '',
-          password: auth.password ?? '',
-          client: { address: session.remoteAddress, tls: session.secure },
-        }).then(
-          (ok) => {
-            if (ok) return cb(null, { user: { username: auth.username, method: auth.method } });
-            // Slow down guessing, more with each failure, and stop it at the limit.
-            const failures = gs ? ++gs.authFailures : 1;
-            const last = failures >= (options.maxAuthFailures ?? 5);
-            setTimeout(() => cb(replyError(last ? REPLIES.authTooMany : REPLIES.authFailed)), failures * (options.authFailureDelay ?? 1000));
-          },
-          (err: unknown) => {
-            channels.error.publish({ sessionId: session.id, error: err });
-            cb(replyError(REPLIES.authUnavailable));
-          },
-        );
-      },
+      onAuth: authHandler(options, (session) => sessions.get(session)),
       onMailFrom: callbackify((a: SMTPServerAddress, s: SMTPServerSession) => onMailFrom(a, s)),
       onRcptTo: callbackify((a: SMTPServerAddress, s: SMTPServerSession) => onRcptTo(a, s)),
       onData: (stream, session, cb) => {

@@ -13,7 +13,7 @@ import type { Readable } from 'node:stream';
 import Headers from 'mailsplit/lib/headers.js';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import type { HeaderField } from '../milter/types.js';
-import { drained, Spool, type SpoolOptions } from './spool.js';
+import { drained, Spool, type SpoolOptions } from '../message/spool.js';
 
 /** Options of {@link ingest}. */
 export interface IngestOptions {

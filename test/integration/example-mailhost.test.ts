@@ -28,7 +28,7 @@ test('mailhost example: local delivery, MX delivery through the queue for an aut
     mynetworks: [], // loopback is a stranger here: only AUTH lets it relay
     users: { 'alice@example.test': 'correct horse' },
     tls: selfSignedCert('mail.example.test'),
-    resolver: dns.resolver({ timeout: 1000, tries: 1 }),
+    resolver: dns.resolver({ timeout: 3000, tries: 2 }),
     smtpPort: peer.port,
     backoff: { min: 200, max: 400 },
   });

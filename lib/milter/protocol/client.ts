@@ -39,7 +39,7 @@
  */
 import net from 'node:net';
 import { DovetailError, ErrorCodes } from '../../errors.js';
-import { Spool, type SpoolOptions } from '../../smtp/spool.js';
+import { Spool, type SpoolOptions } from '../../message/spool.js';
 import type { StoredHeader } from '../message.js';
 import {
   accept as acceptVerdict,

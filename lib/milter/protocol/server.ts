@@ -37,7 +37,7 @@ import type {
   SessionContext,
   TlsInfo,
 } from '../types.js';
-import { drained, Spool, type SpoolOptions } from '../../smtp/spool.js';
+import { drained, Spool, type SpoolOptions } from '../../message/spool.js';
 import { FrameDecoder, encodeFrame, type Frame } from './codec.js';
 import { decodeCommand, type ConnectCommand, type Macro, type MilterCommand } from './commands.js';
 import { MILTER_CHUNK_SIZE, SMFIC, SMFIF, SMFIM, SMFIP, SMFIP_VERSION_MASK, SMFI_PROT_VERSION, SMFI_PROT_VERSION_MIN } from './constants.js';

@@ -1,0 +1,153 @@
+/**
+ * The gateway's options (what createGateway takes and what it returns), and the checks that
+ * make a typo fail at start-up with the field named, not at the first DATA.
+ */
+import { DovetailError, ErrorCodes } from '../errors.js';
+import type { Milter, MilterTimeouts } from '../milter/types.js';
+import type { DeferredQueue, Transport } from '../delivery/types.js';
+import type { SpoolOptions } from '../message/spool.js';
+import { mayRouteOutbound } from '../handoff/handoff.js';
+
+/** One listening socket. */
+export interface ListenOptions {
+  /** Default 127.0.0.1. */
+  readonly host?: string;
+  /** 0 picks a free port (see {@link Gateway.addresses}). */
+  readonly port: number;
+}
+
+/** Credentials from SMTP AUTH (PLAIN or LOGIN), offered only after STARTTLS unless allowed. */
+export interface AuthRequest {
+  readonly method: string;
+  readonly username: string;
+  readonly password: string;
+  readonly client: { readonly address: string; readonly tls: boolean };
+}
+
+export interface GatewayOptions {
+  /** Our host name: the greeting, the Received header, macro `j`. Default os.hostname(). */
+  readonly hostname?: string;
+  /** Where to listen. Default 127.0.0.1:2525. */
+  readonly listen?: ListenOptions | readonly ListenOptions[];
+  /** The milter chain, in order. */
+  readonly milters?: readonly Milter[];
+  /**
+   * Where accepted messages go: a mailstore transport (lmtp(), maildir()), or routes({ … })
+   * to route each recipient by domain. Recipients routed to an outbound transport (smtp())
+   * are written to `queue` before the client is answered; every other recipient is
+   * delivered before the client is answered.
+   */
+  readonly delivery: Transport;
+  /** Where quarantined messages go. Default: maildir({ root: 'var/quarantine' }). */
+  readonly quarantine?: Transport;
+  /**
+   * Where a message goes when its recipients did not all end alike (some delivered, some
+   * deferred or failed), and where recipients routed to an outbound transport go: the
+   * client is then told 250 once the queue has it on disk. Required when `delivery` can
+   * route outbound. Without a queue, mixed results are answered with the worst reply, so
+   * the client retries (duplicates for those already delivered, never a loss).
+   */
+  readonly queue?: DeferredQueue;
+  /** Ask the delivery transport about each recipient at RCPT (when it can: Transport.verifyRecipient). Default false. */
+  readonly verifyRecipients?: boolean;
+  /** Key and certificate (PEM) to offer STARTTLS. Without them STARTTLS is not offered. */
+  readonly tls?: { readonly key: string | Buffer; readonly cert: string | Buffer };
+  /** SMTP AUTH: return true to accept the credentials. Without it AUTH is not offered. */
+  readonly authenticate?: (request: AuthRequest) => Promise<boolean>;
+  /**
+   * Offer and accept AUTH on connections without TLS. Default false: without TLS, EHLO
+   * does not advertise AUTH and an AUTH command gets `538 5.7.11` (RFC 4954 section 6),
+   * whether or not STARTTLS is offered (Postfix: smtpd_tls_auth_only = yes).
+   */
+  readonly allowInsecureAuth?: boolean;
+  /**
+   * Delay before answering a failed AUTH, ms; it grows with each failure on the connection
+   * (n × delay). Default 1000 (Postfix: smtpd_error_sleep_time; Dovecot: auth_failure_delay).
+   */
+  readonly authFailureDelay?: number;
+  /**
+   * Failed AUTH attempts allowed on one connection; the last one is answered
+   * `421 4.7.0` and the connection is closed. Default 5 (Postfix counts them in
+   * smtpd_hard_error_limit).
+   */
+  readonly maxAuthFailures?: number;
+  /**
+   * The SIZE limit in bytes, advertised in EHLO, checked against MAIL FROM's SIZE=, and
+   * enforced while DATA streams. Default 50 MiB; a milter's `limits.maxMessageBytes`
+   * (sizeLimit) lowers it.
+   */
+  readonly maxMessageBytes?: number;
+  /** The largest header block kept in memory. Default 1 MiB. */
+  readonly maxHeaderBytes?: number;
+  /**
+   * A message with more `Received:` headers than this is refused with `554 5.4.6` (a mail
+   * loop; Postfix: hopcount_limit). Default 50.
+   */
+  readonly maxHops?: number;
+  /** Recipients per message (Postfix: smtpd_recipient_limit). Default 1000. */
+  readonly maxRecipients?: number;
+  /** Concurrent connections per listener. Default 1000. */
+  readonly maxClients?: number;
+  /** Bare CR or LF in DATA: refuse the message (default) or rewrite to CRLF. */
+  readonly bareLineEndings?: 'reject' | 'normalize';
+  /** RAM threshold and directory of the DATA spool. */
+  readonly spool?: SpoolOptions;
+  /** Look up the client's host name in DNS (PTR). Default true. */
+  readonly resolveClientNames?: boolean;
+  /** Timeouts for milters that set none (Postfix: milter_command_timeout / milter_content_timeout). */
+  readonly milterTimeouts?: MilterTimeouts;
+  /** Idle time before a client is disconnected, ms. Default 300 000 (Postfix smtpd_timeout). */
+  readonly socketTimeout?: number;
+  /** How long close() lets transactions in flight finish before cutting them off, ms. Default 30 000. */
+  readonly closeTimeout?: number;
+  /** Text after `ESMTP` in the greeting. */
+  readonly banner?: string;
+}
+
+/** A running gateway. */
+export interface Gateway {
+  /** Starts listening; resolves with the bound addresses. */
+  listen(): Promise<readonly { host: string; port: number }[]>;
+  /** Stops accepting, lets transactions in flight finish, says 421 to idle clients, then resolves. */
+  close(): Promise<void>;
+  /** The bound addresses (after listen()). */
+  readonly addresses: readonly { host: string; port: number }[];
+}
+
+/** Checks the options up front, so a typo fails at start-up and not at the first DATA. */
+export function validateOptions(options: GatewayOptions, listen: readonly ListenOptions[]): void {
+  const bad = (why: string): never => {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, why);
+  };
+  if (!options || typeof options.delivery?.deliver !== 'function') bad('createGateway needs a delivery transport');
+  if (options.quarantine !== undefined && typeof options.quarantine.deliver !== 'function') bad('quarantine must be a transport');
+  const positive = (name: string, v: unknown, min = 1, max = Number.MAX_SAFE_INTEGER): void => {
+    if (v !== undefined && !(typeof v === 'number' && Number.isSafeInteger(v) && v >= min && v <= max)) {
+      bad(`${name} must be an integer from ${min} to ${max}`);
+    }
+  };
+  positive('maxMessageBytes', options.maxMessageBytes);
+  positive('maxHeaderBytes', options.maxHeaderBytes);
+  positive('maxRecipients', options.maxRecipients);
+  positive('maxHops', options.maxHops);
+  if (options.delivery && mayRouteOutbound(options.delivery) && !options.queue) {
+    bad(`delivery ${options.delivery.name} routes recipients to an outbound transport: createGateway needs a queue (createQueue({ dir, transport }))`);
+  }
+  positive('maxClients', options.maxClients);
+  positive('socketTimeout', options.socketTimeout);
+  positive('closeTimeout', options.closeTimeout, 0);
+  positive('authFailureDelay', options.authFailureDelay, 0);
+  positive('maxAuthFailures', options.maxAuthFailures);
+  positive('spool.memoryThreshold', options.spool?.memoryThreshold, 0);
+  positive('milterTimeouts.command', options.milterTimeouts?.command);
+  positive('milterTimeouts.content', options.milterTimeouts?.content);
+  if (options.bareLineEndings !== undefined && options.bareLineEndings !== 'reject' && options.bareLineEndings !== 'normalize') {
+    bad("bareLineEndings must be 'reject' or 'normalize'");
+  }
+  if (listen.length === 0) bad('listen needs at least one address');
+  for (const l of listen) {
+    if (l.port === undefined) bad('listen needs a port');
+    positive('listen port', l.port, 0, 65535);
+  }
+  if (options.tls && (!options.tls.key || !options.tls.cert)) bad('tls needs both key and cert');
+}
