@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import { isDovetailError, ErrorCodes } from '../../lib/errors.js';
-import { Spool, spoolFrom } from '../../lib/smtp/spool.js';
+import { Spool, spoolFrom } from '../../lib/message/spool.js';
 
 let root: string;
 before(async () => {
