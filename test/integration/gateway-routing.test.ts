@@ -16,6 +16,7 @@ import { createGateway, createQueue, isDovetailError, maildir, routes, smtp, smt
 import { relayControl } from '../../milters/index.js';
 import { startPeer, type Peer } from '../helpers/smtp-peer.js';
 import { ehlo, message, send, split, stored } from '../helpers/smtp.js';
+import { waitFor } from '../helpers/wait.js';
 
 /** A transport that records what it got and answers per recipient (a test transport, not a stand-in for ours). */
 function recorder(name: string, outbound = false): Transport & { got: string[][] } {
@@ -104,16 +105,6 @@ async function startMta(peerOptions: Parameters<typeof startPeer>[0] = {}): Prom
   };
 }
 
-async function until<T>(what: string, check: () => Promise<T | undefined | false> | T | undefined | false, ms = 15_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
 test('local recipient stored before the 250, remote recipient queued and sent on by smtp(), never stored locally', async () => {
   const mta = await startMta();
   try {
@@ -128,7 +119,7 @@ test('local recipient stored before the 250, remote recipient queued and sent on
     assert.deepEqual(remote!.to, ['bob@remote.test']);
     assert.match(split(remote!.data).headers, /^Received: from client\.example\.test .*\r\n\tby mx\.example\.test \(dovetail\) with ESMTP id /s);
     assert.deepEqual(await fs.readdir(mta.root), ['alice@example.test'], 'no local folder for the remote recipient');
-    await until('an empty queue', async () => (await mta.queue.list()).length === 0);
+    await waitFor('an empty queue', async () => (await mta.queue.list()).length === 0);
     c.end();
   } finally {
     await mta.close();
@@ -141,7 +132,7 @@ test('a remote recipient refused by the next hop: the DSN goes to the local send
     const c = await ehlo(mta.port);
     const r = await send(c, 'alice@example.test', ['nouser@remote.test'], message('will bounce'));
     assert.equal(r.data?.code, 250, 'queued first');
-    const [dsn] = await until('the bounce in alice mailbox', async () => {
+    const [dsn] = await waitFor('the bounce in alice mailbox', async () => {
       const got = await stored(mta.root, 'alice@example.test');
       return got.length ? got : undefined;
     });

@@ -13,6 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ehlo, message, send, split, stored } from '../helpers/smtp.js';
+import { waitFor } from '../helpers/wait.js';
 
 const FIXTURE = fileURLToPath(new URL('../fixtures/queue-gateway.js', import.meta.url));
 
@@ -44,16 +45,6 @@ async function startChild(base: string): Promise<Child> {
     return events.find((e) => e['event'] === 'listening')?.['port'] as number | undefined;
   });
   return { process: child, events, port, exited };
-}
-
-async function waitFor<T>(what: string, check: () => Promise<T | undefined | false> | T | undefined | false, ms = 20_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
 }
 
 test('SIGKILL after a 250 with a recipient queued: delivered after restart, nothing lost or doubled', async () => {

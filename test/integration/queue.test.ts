@@ -24,6 +24,7 @@ import { createQueue, QueueChannels, type DeliveryQueue, type QueueOptions } fro
 import { lmtp } from '../../lib/delivery/lmtp.js';
 import { createLmtpServer } from '../../lib/delivery/lmtp-server.js';
 import { ehlo, message, send, split, startGateway, stored } from '../helpers/smtp.js';
+import { waitFor } from '../helpers/wait.js';
 
 // ---- helpers ------------------------------------------------------------------------------
 
@@ -32,16 +33,6 @@ async function tempDir(): Promise<string> {
 }
 
 /** Polls `check` until it returns a truthy value (bounded). */
-async function waitFor<T>(what: string, check: () => Promise<T | undefined | false> | T | undefined | false, ms = 15_000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await check();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
 /**
  * A Maildir store behind a switch: recipients in `refuse` get that reply (4xx → deferred,
  * 5xx → failed); the others are delivered by maildir(). Counts calls and concurrency per
