@@ -27,11 +27,14 @@ export const stamp = defineMilter({
   },
 });
 
+/** Our domain, written down once: the store holds it, relayControl treats it as local. */
+export const LOCAL_DOMAINS: readonly string[] = ['example.test'];
+
 /** The quick start's milter chain. */
 export function defaultChain(): Milter[] {
   return [
     sizeLimit({ maxBytes: 25 * 1024 * 1024 }),
-    relayControl({ localDomains: ['example.test'] }),
+    relayControl({ localDomains: LOCAL_DOMAINS }),
     stamp,
     spamTag({ requiredScore: 5 }),
   ];
@@ -63,7 +66,7 @@ export async function startQuickstart(options: QuickstartOptions = {}): Promise<
   const hostname = options.hostname ?? 'mx.dovetail.test';
   await mkdir(root, { recursive: true });
   await mkdir(path.join(base, 'quarantine'), { recursive: true });
-  const store = await createLmtpServer({ root, listen: { host: '127.0.0.1', port: 0 }, domains: ['example.test'], unknownUser: 'accept', hostname: 'store.dovetail.test' });
+  const store = await createLmtpServer({ root, listen: { host: '127.0.0.1', port: 0 }, domains: LOCAL_DOMAINS, unknownUser: 'accept', hostname: 'store.dovetail.test' });
   const at = store.address as { host: string; port: number };
   const delivery = lmtp({ host: at.host, port: at.port });
   const gateway = createGateway({
