@@ -6,7 +6,8 @@
  * lower-cased in their A-label (punycode) form, without a trailing dot.
  *
  * deliver() splits one envelope into one delivery per transport (in parallel), and returns
- * the results in envelope order. A recipient with no route fails (`550 5.1.2`); the gateway
+ * the results in envelope order; a transport that throws defers its own recipients
+ * (`451 4.3.0`, the error on the diagnostics channel), not the others'. A recipient with no route fails (`550 5.1.2`); the gateway
  * refuses such a recipient already at RCPT.
  *
  * The table is also where our domains are written down once: `localDomains` lists the keys
@@ -18,6 +19,7 @@
  * keys), rewrite next hops (`smtp:[host]` values: give each route its own smtp({ relayhost })),
  * or look anything up outside the table.
  */
+import { channels } from '../diagnostics.js';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import type { EnvelopeAddress } from '../milter/types.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
@@ -43,6 +45,7 @@ export interface RoutingTransport extends Transport {
   close(): Promise<void>;
 }
 
+const TRANSPORT_FAILED = smtpReply(451, '4.3.0', 'Error: internal error, try again later');
 const NO_ROUTE = smtpReply(550, '5.1.2', 'Recipient address rejected: no route to this domain (not in the routing table)');
 
 /**
@@ -96,11 +99,17 @@ export function routes(table: RouteTable): RoutingTransport {
     await Promise.all(
       [...groups].map(async ([t, indexes]) => {
         const sub: DeliveryEnvelope = { ...envelope, recipients: indexes.map((i) => envelope.recipients[i]!) };
-        const got = await t.deliver(sub, message);
-        if (!Array.isArray(got) || got.length !== indexes.length) {
-          throw new DovetailError(ErrorCodes.DELIVERY_FAILED, `transport ${t.name} returned ${Array.isArray(got) ? got.length : 'no'} results for ${indexes.length} recipients`);
+        try {
+          const got = await t.deliver(sub, message);
+          if (!Array.isArray(got) || got.length !== indexes.length) {
+            throw new DovetailError(ErrorCodes.DELIVERY_FAILED, `transport ${t.name} returned ${Array.isArray(got) ? got.length : 'no'} results for ${indexes.length} recipients`);
+          }
+          indexes.forEach((i, k) => (results[i] = got[k]!));
+        } catch (error) {
+          // One transport failing defers its own recipients only; the others keep their results.
+          channels.error.publish({ queueId: envelope.queueId, error });
+          for (const i of indexes) results[i] = { recipient: envelope.recipients[i]!.address, status: 'deferred', reply: TRANSPORT_FAILED };
         }
-        indexes.forEach((i, k) => (results[i] = got[k]!));
       }),
     );
     return results;

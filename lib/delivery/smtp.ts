@@ -240,7 +240,12 @@ export function smtp(options: SmtpOptions = {}): SmtpTransport {
         last = attempt.results;
       }
       const reply = last?.[0]?.reply ?? smtpReply(451, '4.4.1', `No server of ${dest.name} could be reached`);
-      if (deadTime > 0) dead.set(key, { until: Date.now() + deadTime, reply });
+      if (deadTime > 0) {
+        const now = Date.now();
+        // Forget marks that ran out, so the table stays as small as the set of dead destinations.
+        if (dead.size >= 1000) for (const [k, d] of dead) if (d.until <= now) dead.delete(k);
+        dead.set(key, { until: now + deadTime, reply });
+      }
       return last ?? everyone(envelope, 'deferred', reply);
     } finally {
       free();

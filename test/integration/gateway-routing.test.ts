@@ -58,6 +58,18 @@ test('routes(): exact domain, .parent for subdomains, * for the rest; one delive
   const [none] = await noDefault.deliver({ queueId: 'Q', sender: { address: '', args: {} }, recipients: [{ address: 'x@remote.test', args: {} }] }, { size: body.length, stream: () => Readable.from([body]) });
   assert.equal(none!.status, 'failed');
   assert.equal(none!.reply.enhanced, '5.1.2');
+  // A transport that throws defers its own recipients only.
+  const broken: Transport = {
+    name: 'broken',
+    async deliver() {
+      throw new Error('store on fire');
+    },
+  };
+  const split2 = await routes({ 'example.test': broken, '*': out }).deliver(
+    { queueId: 'Q', sender: { address: 's@example.test', args: {} }, recipients: [{ address: 'a@example.test', args: {} }, { address: 'b@remote.test', args: {} }] },
+    { size: body.length, stream: () => Readable.from([body]) },
+  );
+  assert.deepEqual(split2.map((x) => [x.status, x.reply.code]), [['deferred', 451], ['delivered', 250]]);
   assert.throws(() => routes({ 'not a domain': local }), (e) => isDovetailError(e, 'DOVETAIL_ERR_INVALID_OPTIONS'));
   assert.throws(() => routes({ 'example.test': {} as Transport }), (e) => isDovetailError(e, 'DOVETAIL_ERR_INVALID_OPTIONS'));
 });
