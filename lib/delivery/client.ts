@@ -510,7 +510,7 @@ class Connection {
       });
       secure.once('error', (err) => {
         clearTimeout(timer);
-        reject(new ConnectionFailure('starttls', 'protocol', `${this.label}: TLS: ${err.message}`));
+        reject(new ConnectionFailure('starttls', 'refused', `${this.label}: TLS handshake failed: ${err.message}`));
       });
     });
     secure.removeAllListeners('error');

@@ -802,8 +802,9 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
       const status: DeliveryStatus = res.status === 'delivered' || res.status === 'failed' ? res.status : 'deferred';
       return { address: rcpt.address, args: { ...rcpt.args }, status, attempts: 1, reply: storeReply(res.reply), reported: [] };
     });
-    const untried = results.some((r) => r === undefined);
-    const tried = results.some((r) => r !== undefined);
+    // By index: a sparse array's holes are recipients not tried too (some() would skip them).
+    const untried = envelope.recipients.some((_, i) => results[i] === undefined);
+    const tried = envelope.recipients.some((_, i) => results[i] !== undefined);
     const stub: StoredEntry = {
       version: 1,
       id: '',

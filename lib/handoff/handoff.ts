@@ -103,7 +103,7 @@ export async function handoff(sessionId: string, queueId: string, state: Message
   }
   const outbound = envelope.recipients.map((r) => isOutbound(config.delivery, r.address));
   const local = envelope.recipients.flatMap((r, i) => (outbound[i] ? [] : [i]));
-  const results = new Array<RecipientResult | undefined>(envelope.recipients.length);
+  const results: (RecipientResult | undefined)[] = envelope.recipients.map(() => undefined);
   if (local.length > 0) {
     const sub: DeliveryEnvelope = { ...envelope, recipients: local.map((i) => envelope.recipients[i]!) };
     const got = await deliverSafely(config.delivery, sub, state.source(), sessionId);

@@ -83,7 +83,7 @@ interface Mta {
 }
 
 /** A small MTA: example.test into Maildir, everything else by smtp() to a loopback peer through the queue. */
-async function startMta(peerOptions: Parameters<typeof startPeer>[0] = {}): Promise<Mta> {
+async function startMta(peerOptions: Parameters<typeof startPeer>[0] = {}, backoff = { min: 100, max: 200 }): Promise<Mta> {
   const base = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-mta-'));
   const root = path.join(base, 'mail');
   await fs.mkdir(root);
@@ -92,7 +92,7 @@ async function startMta(peerOptions: Parameters<typeof startPeer>[0] = {}): Prom
     'example.test': maildir({ root, domains: ['example.test'] }),
     '*': smtp({ relayhost: `[127.0.0.1]:${peer.port}`, hostname: 'mx.example.test', tls: 'none', deadDestinationTime: 0 }),
   });
-  const queue = createQueue({ dir: path.join(base, 'queue'), transport: table, hostname: 'mx.example.test', backoff: { min: 100, max: 200 }, scanInterval: 50 });
+  const queue = createQueue({ dir: path.join(base, 'queue'), transport: table, hostname: 'mx.example.test', backoff, scanInterval: 50 });
   const gateway = createGateway({
     hostname: 'mx.example.test',
     resolveClientNames: false,
@@ -117,8 +117,10 @@ async function startMta(peerOptions: Parameters<typeof startPeer>[0] = {}): Prom
   };
 }
 
-test('local recipient stored before the 250, remote recipient queued and sent on by smtp(), never stored locally', async () => {
-  const mta = await startMta();
+test('local recipient stored before the 250, remote recipient queued and sent on by smtp() at once, never stored locally', async () => {
+  // A one-hour backoff: the remote copy can only arrive in time if its first attempt is immediate
+  // (regression: the handoff's sparse result array made the queue wait backoff.min first).
+  const mta = await startMta({}, { min: 3_600_000, max: 3_600_000 });
   try {
     const c = await ehlo(mta.port);
     const r = await send(c, 'sender@client.test', ['alice@example.test', 'bob@remote.test'], message('mixed'));

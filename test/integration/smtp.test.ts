@@ -253,6 +253,8 @@ describe('smtp(): TLS policy and AUTH', () => {
       assert.equal(v!.status, 'deferred');
       const [w] = await verifyWrongName.deliver(env(['x@remote.test']), src(MESSAGE));
       assert.equal(w!.status, 'deferred');
+      // The reason is named (regression: it read only "protocol error during STARTTLS").
+      assert.match(w!.reply.lines[0]!, /TLS handshake failed: .*(certificate|altnames|other\.test)/i);
       const before = tlsPeer.messages.length;
       assert.deepEqual(statuses(await verifyOk.deliver(env(['x@remote.test']), src(MESSAGE))), ['delivered']);
       assert.equal(tlsPeer.messages.length, before + 1);
