@@ -7,45 +7,15 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ehlo, message, send, split, stored } from '../helpers/smtp.js';
 import { waitFor } from '../helpers/wait.js';
+import { startChild, type Child } from '../helpers/child.js';
 
 const FIXTURE = fileURLToPath(new URL('../fixtures/queue-gateway.js', import.meta.url));
-
-interface Child {
-  readonly process: ChildProcess;
-  readonly events: Record<string, unknown>[];
-  readonly port: number;
-  readonly exited: Promise<number | string | null>;
-}
-
-/** Starts the fixture and waits (bounded) for its `listening` line. */
-async function startChild(base: string): Promise<Child> {
-  const child = spawn(process.execPath, [FIXTURE, base], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const events: Record<string, unknown>[] = [];
-  let stderr = '';
-  let buf = '';
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-  child.stdout!.setEncoding('utf8').on('data', (d: string) => {
-    buf += d;
-    let nl: number;
-    while ((nl = buf.indexOf('\n')) >= 0) {
-      events.push(JSON.parse(buf.slice(0, nl)) as Record<string, unknown>);
-      buf = buf.slice(nl + 1);
-    }
-  });
-  const exited = new Promise<number | string | null>((resolve) => child.once('exit', (code, signal) => resolve(signal ?? code)));
-  const port = await waitFor('the child to listen', () => {
-    if (child.exitCode !== null) throw new Error(`the child exited (${child.exitCode}): ${stderr}`);
-    return events.find((e) => e['event'] === 'listening')?.['port'] as number | undefined;
-  });
-  return { process: child, events, port, exited };
-}
 
 test('SIGKILL after a 250 with a recipient queued: delivered after restart, nothing lost or doubled', async () => {
   const base = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-queue-restart-'));
@@ -54,7 +24,7 @@ test('SIGKILL after a 250 with a recipient queued: delivered after restart, noth
   await fs.writeFile(path.join(base, 'flag'), 'refuse later@ while this file exists\n');
   const children: Child[] = [];
   try {
-    const first = await startChild(base);
+    const first = await startChild(FIXTURE, [base]);
     children.push(first);
     const c = await ehlo(first.port);
     const r = await send(c, 'alice@sender.test', ['bob@example.test', 'later@example.test'], message('survives', 'Survives a crash.\r\n'));
@@ -75,7 +45,7 @@ test('SIGKILL after a 250 with a recipient queued: delivered after restart, noth
     await fs.writeFile(path.join(base, 'queue', 'tmp', 'HALFWRITTEN1'), 'Subject: half\r\n');
 
     await fs.rm(path.join(base, 'flag'));
-    const second = await startChild(base);
+    const second = await startChild(FIXTURE, [base]);
     children.push(second);
     const loaded = second.events.find((e) => e['event'] === 'dovetail:queue:loaded');
     assert.deepEqual(loaded, { event: 'dovetail:queue:loaded', entries: 1, tmpRemoved: 1, orphansRemoved: 0, corrupt: 0 });
