@@ -24,6 +24,8 @@ export interface ClientInfo {
 /** Our own end of the connection: {daemon_addr}, {daemon_port}, `j`. */
 export interface ServerInfo {
   readonly hostname: string;
+  /** The name of the listener that took the connection ({daemon_name}). */
+  readonly name: string;
   readonly address: string;
   readonly port: number;
 }

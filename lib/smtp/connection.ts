@@ -2,7 +2,9 @@
  * The gateway's connection class on smtp-server: exact replies (ExactConnection), plus what
  * smtp-server does not do for us:
  * - AUTH exists only on an encrypted connection (unless allowInsecureAuth): smtp-server
- *   advertises and accepts AUTH in plain text whenever STARTTLS is not offered;
+ *   advertises and accepts AUTH in plain text whenever STARTTLS is not offered. (With AUTH
+ *   "unsupported" before TLS, smtp-server also skips its authOptional check there, so the
+ *   gateway enforces a submission listener's "AUTH before MAIL" itself.)
  * - a hook once HELO/EHLO has been answered (smtp-server has no HELO callback);
  * - a hook before it answers a command it does not recognise (the milters' unknown stage).
  *

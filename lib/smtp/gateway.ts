@@ -54,12 +54,23 @@ const REPLIES = {
   tooManyHops: smtpReply(554, '5.4.6', 'Error: too many hops (mail forwarding loop)'),
   bareLineEnding: smtpReply(550, '5.5.2', 'Error: bare <CR> or <LF> in message data (RFC 5321 2.3.8)'),
   noRecipients: smtpReply(554, '5.5.1', 'Error: no valid recipients'),
+  authRequired: smtpReply(530, '5.7.0', 'Authentication required'),
   noRoute: smtpReply(550, '5.1.2', 'Error: recipient address rejected: no route to this domain'),
   internal: smtpReply(451, '4.3.0', 'Error: internal error, try again later'),
   closing: smtpReply(421, '4.3.2', 'Service shutting down, try again later'),
 } as const;
 
+/** One listener: its options and what follows from them. */
+interface Listener {
+  readonly spec: ListenOptions;
+  readonly name: string;
+  readonly chain: MilterChain;
+  readonly maxMessageBytes: number;
+  readonly tooLarge: SmtpReply;
+}
+
 interface GatewaySession {
+  readonly listener: Listener;
   readonly facts: SessionFacts;
   readonly chain: ChainSession;
   /** The HELO name the helo stage last ran for, its run (maybe in flight), and its refusal if any. */
@@ -76,16 +87,24 @@ export function createGateway(options: GatewayOptions): Gateway {
   const listenSpecs: readonly ListenOptions[] =
     options?.listen === undefined ? [{ port: 2525 }] : Array.isArray(options.listen) ? options.listen : [options.listen as ListenOptions];
   validateOptions(options, listenSpecs);
-  const chain = new MilterChain(options.milters ?? [], {
+  const chainOptions = {
     ...(options.milterTimeouts ? { timeouts: options.milterTimeouts } : {}),
     ...(options.spool ? { spool: options.spool } : {}),
+  };
+  const defaultChain = new MilterChain(options.milters ?? [], chainOptions);
+  /** Each listener's profile: its chain, and the size limit its chain's milters allow. */
+  const listeners: Listener[] = listenSpecs.map((spec) => {
+    const chain = spec.milters === undefined ? defaultChain : new MilterChain(spec.milters, chainOptions);
+    const maxMessageBytes = Math.min(options.maxMessageBytes ?? 50 * 1024 * 1024, ...chain.milters.map((m) => m.limits?.maxMessageBytes ?? Infinity));
+    return {
+      spec,
+      name: spec.name ?? 'dovetail',
+      chain,
+      maxMessageBytes,
+      // RFC 5321 4.5.3.1.10 / RFC 1870: say who refused and what the limit is.
+      tooLarge: smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`),
+    };
   });
-  const maxMessageBytes = Math.min(
-    options.maxMessageBytes ?? 50 * 1024 * 1024,
-    ...chain.milters.map((m) => m.limits?.maxMessageBytes ?? Infinity),
-  );
-  // RFC 5321 4.5.3.1.10 / RFC 1870: say who refused and what the limit is.
-  const tooLarge = smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`);
   const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
   const maxHops = options.maxHops ?? 50;
   const DEFAULT_QUARANTINE_ROOT = path.resolve('var/quarantine');
@@ -100,9 +119,9 @@ export function createGateway(options: GatewayOptions): Gateway {
 
   const refusal = (out: StageOutcome): SmtpReply | undefined => (out.type === 'reject' || out.type === 'tempfail' ? out.reply : undefined);
 
-  async function onConnect(session: SMTPServerSession): Promise<void> {
-    const facts = sessionFacts(session, hostname);
-    const gs: GatewaySession = { facts, chain: chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0 };
+  async function onConnect(listener: Listener, session: SMTPServerSession): Promise<void> {
+    const facts = sessionFacts(session, hostname, listener.name);
+    const gs: GatewaySession = { listener, facts, chain: listener.chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0 };
     sessions.set(session, gs);
     channels.connect.publish({ sessionId: session.id, client: facts.client });
     const out = await gs.chain.connect();
@@ -136,6 +155,9 @@ export function createGateway(options: GatewayOptions): Gateway {
     const gs = sessions.get(session);
     if (!gs) throw replyError(REPLIES.internal);
     if (closing) throw replyError(REPLIES.closing);
+    // Submission: nothing before AUTH. Checked here, not left to smtp-server, whose own check
+    // is skipped on a connection where AUTH is not (yet) available (ours: before TLS).
+    if (gs.listener.spec.submission && !session.user) throw replyError(REPLIES.authRequired);
     gs.facts.auth = session.user ? { method: String(session.user.method ?? 'PLAIN'), user: String(session.user.username ?? session.user) } : undefined;
     await runHelo(gs, session);
     if (gs.heloRefusal) throw replyError(gs.heloRefusal);
@@ -164,6 +186,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     const gs = sessions.get(session);
     const run = gs?.chain.message;
     if (!gs || !run) throw replyError(REPLIES.internal);
+    if (gs.listener.spec.submission && !session.user) throw replyError(REPLIES.authRequired);
     const rcpt = toEnvelopeAddress(to);
     const m = gs.facts.macros;
     m['{rcpt_addr}'] = rcpt.address;
@@ -201,7 +224,7 @@ export function createGateway(options: GatewayOptions): Gateway {
   async function receive(gs: GatewaySession, run: MessageRun, stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
     const dataOutcome = run.data();
     const got = await ingest(stream, {
-      maxBytes: maxMessageBytes,
+      maxBytes: gs.listener.maxMessageBytes,
       maxHeaderBytes,
       bareLineEndings: options.bareLineEndings ?? 'reject',
       ...(options.spool ? { spool: options.spool } : {}),
@@ -213,7 +236,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       const problem: IngestProblem | undefined = got.problem;
       if (problem) {
         await run.abort();
-        throw replyError(problem === 'too-large' ? tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : REPLIES.bareLineEnding);
+        throw replyError(problem === 'too-large' ? gs.listener.tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : REPLIES.bareLineEnding);
       }
       if (dataReply) {
         await run.abort();
@@ -314,17 +337,21 @@ export function createGateway(options: GatewayOptions): Gateway {
       );
     };
 
-  function smtpOptions(): SMTPServerOptions {
+  function smtpOptions(listener: Listener): SMTPServerOptions {
+    const tlsMode = options.tls ? (listener.spec.tls ?? 'starttls') : 'none';
     const disabled = [];
-    if (!options.tls) disabled.push('STARTTLS');
+    if (tlsMode !== 'starttls') disabled.push('STARTTLS');
     if (!options.authenticate) disabled.push('AUTH');
     return {
       name: hostname,
       ...(options.banner ? { banner: options.banner } : {}),
-      size: maxMessageBytes,
+      size: listener.maxMessageBytes,
       maxClients: options.maxClients ?? 1000,
       disabledCommands: disabled,
-      authOptional: true,
+      // Submission: MAIL, RCPT and DATA before AUTH get 530 5.7.0 (smtp-server's check).
+      authOptional: !listener.spec.submission,
+      authRequiredMessage: 'Authentication required',
+      secure: tlsMode === 'implicit',
       allowInsecureAuth: insecureAuth,
       authMethods: ['PLAIN', 'LOGIN'],
       // DSN (RFC 3461) only with a queue: without one we could not send the notifications.
@@ -338,7 +365,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       maxRecipients: options.maxRecipients ?? 1000,
       ...(options.tls ? { key: options.tls.key, cert: options.tls.cert } : {}),
       logger: false,
-      onConnect: callbackify(onConnect),
+      onConnect: callbackify((session: SMTPServerSession) => onConnect(listener, session)),
       onSecure: (socket, session, cb) => {
         const gs = sessions.get(session);
         if (gs) {
@@ -386,8 +413,9 @@ export function createGateway(options: GatewayOptions): Gateway {
       // The default quarantine store's root must exist (maildir() never creates its root).
       if (options.quarantine === undefined) await mkdir(DEFAULT_QUARANTINE_ROOT, { recursive: true, mode: 0o700 });
       const bound: { host: string; port: number }[] = [];
-      for (const spec of listenSpecs) {
-        const server = new GatewayServer(smtpOptions());
+      for (const listener of listeners) {
+        const spec = listener.spec;
+        const server = new GatewayServer(smtpOptions(listener));
         server.on('error', (err: Error) => channels.error.publish({ error: err }));
         servers.push(server);
         await new Promise<void>((resolve, reject) => {

@@ -8,12 +8,31 @@ import type { DeferredQueue, Transport } from '../delivery/types.js';
 import type { SpoolOptions } from '../message/spool.js';
 import { mayRouteOutbound } from '../handoff/handoff.js';
 
-/** One listening socket. */
+/**
+ * One listening socket, and its profile (a master.cf line): port 25 for MTAs, submission
+ * (587, STARTTLS then AUTH) and implicit TLS (465) for users, each with its own chain.
+ */
 export interface ListenOptions {
   /** Default 127.0.0.1. */
   readonly host?: string;
   /** 0 picks a free port (see {@link Gateway.addresses}). */
   readonly port: number;
+  /** The listener's name: macro `{daemon_name}` and `ctx.server.name`. Default `'dovetail'`. */
+  readonly name?: string;
+  /**
+   * TLS on this listener: `'starttls'` (offered after EHLO; the default when the gateway has
+   * `tls`), `'implicit'` (TLS from the first byte, RFC 8314 — port 465), `'none'` (never;
+   * AUTH is then never offered here unless allowInsecureAuth). Needs the gateway's `tls`.
+   */
+  readonly tls?: 'starttls' | 'implicit' | 'none';
+  /**
+   * A submission listener (RFC 6409): MAIL before AUTH gets `530 5.7.0 Authentication
+   * required`, and AUTH needs TLS first (STARTTLS or implicit). Needs `authenticate`.
+   * Authenticated users may relay (relayControl's permitAuthenticated).
+   */
+  readonly submission?: boolean;
+  /** This listener's milter chain (Postfix's `-o smtpd_milters=` in master.cf). Default: the gateway's `milters`. */
+  readonly milters?: readonly Milter[];
 }
 
 /** Credentials from SMTP AUTH (PLAIN or LOGIN), offered only after STARTTLS unless allowed. */
@@ -148,6 +167,16 @@ export function validateOptions(options: GatewayOptions, listen: readonly Listen
   for (const l of listen) {
     if (l.port === undefined) bad('listen needs a port');
     positive('listen port', l.port, 0, 65535);
+    const where = `listen ${l.host ?? '127.0.0.1'}:${l.port}`;
+    if (l.tls !== undefined && l.tls !== 'starttls' && l.tls !== 'implicit' && l.tls !== 'none') bad(`${where}: tls must be 'starttls', 'implicit' or 'none'`);
+    if ((l.tls === 'implicit' || l.tls === 'starttls') && !options.tls) bad(`${where}: tls '${l.tls}' needs the gateway's tls key and cert`);
+    if (l.name !== undefined && !/^[\x21-\x7e]{1,64}$/.test(l.name)) bad(`${where}: name must be 1-64 printable ASCII characters`);
+    if (l.milters !== undefined && !Array.isArray(l.milters)) bad(`${where}: milters must be an array`);
+    if (l.submission) {
+      if (!options.authenticate) bad(`${where}: a submission listener needs authenticate`);
+      const encrypted = l.tls === 'implicit' || (l.tls !== 'none' && !!options.tls);
+      if (!encrypted && !options.allowInsecureAuth) bad(`${where}: a submission listener needs TLS (the gateway's tls, and tls 'starttls' or 'implicit') so that AUTH can be offered`);
+    }
   }
   if (options.tls && (!options.tls.key || !options.tls.cert)) bad('tls needs both key and cert');
 }

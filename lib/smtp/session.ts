@@ -47,19 +47,19 @@ export function tlsInfo(socket: tls.TLSSocket): TlsInfo | undefined {
 }
 
 /** The facts and connect-time macros of a new session. */
-export function sessionFacts(session: SMTPServerSession, hostname: string): SessionFacts {
+export function sessionFacts(session: SMTPServerSession, hostname: string, listener: string): SessionFacts {
   const address = session.remoteAddress;
   const named = !!session.clientHostname && !session.clientHostname.startsWith('[');
   return {
     sessionId: session.id,
     client: { address, port: session.remotePort, hostname: session.clientHostname || `[${address}]`, family: family(address) },
-    server: { hostname, address: session.localAddress, port: session.localPort },
+    server: { hostname, name: listener, address: session.localAddress, port: session.localPort },
     helo: undefined,
     tls: undefined,
     auth: undefined,
     macros: {
       j: hostname,
-      '{daemon_name}': 'dovetail',
+      '{daemon_name}': listener,
       '{daemon_addr}': session.localAddress,
       '{daemon_port}': String(session.localPort),
       v: 'dovetail',

@@ -307,7 +307,7 @@ test('a whole session: macros and typed fields, every stage, custom and default 
 
     assert.deepEqual(seen['connect'], {
       client: { address: '192.0.2.10', port: 40000, hostname: 'client.example.test', family: 'ipv4' },
-      server: { hostname: 'mx.example.test', address: '127.0.0.1', port: 25 },
+      server: { hostname: 'mx.example.test', name: 'smtpd', address: '127.0.0.1', port: 25 },
       macros: { j: 'mx.example.test', '{daemon_addr}': '127.0.0.1', '{daemon_port}': '25', '{daemon_name}': 'smtpd' },
     });
     assert.deepEqual(seen['helo'], ['client.example.test', 'client.example.test']);

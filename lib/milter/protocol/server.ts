@@ -410,7 +410,7 @@ class MilterConnection {
 
   private serverInfo(): ServerInfo {
     const m = this.macros;
-    return { hostname: m['j'] ?? '', address: m['{daemon_addr}'] ?? '', port: Number(m['{daemon_port}'] ?? 0) || 0 };
+    return { hostname: m['j'] ?? '', name: m['{daemon_name}'] ?? '', address: m['{daemon_addr}'] ?? '', port: Number(m['{daemon_port}'] ?? 0) || 0 };
   }
 
   private tlsInfo(): TlsInfo | undefined {
