@@ -14,3 +14,5 @@ export { mailAuth, MAIL_AUTH_DEFAULT_SCORES } from './mail-auth.js';
 export type { MailAuthOptions, MailAuthRule } from './mail-auth.js';
 export { defaultResolver, reverseName } from './dns.js';
 export type { DnsResolver, AddressWithTtl, DefaultResolverOptions } from './dns.js';
+export { senderLogin } from './sender-login.js';
+export type { SenderLoginOptions, SenderOwners } from './sender-login.js';
