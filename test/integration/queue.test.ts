@@ -252,6 +252,9 @@ test('a mixed result is queued durably, answered 250, and the deferred recipient
   const sink = await smtpSink();
   const queue = createQueue({ dir: path.join(base, 'queue'), transport: store.transport, bounce: smtpTransport(sink.port), ...FAST });
   const gw = await startGateway({ delivery: store.transport, queue });
+  // listen() started the retry loop; hold it until the on-disk state right after the 250 is
+  // checked (regression: with a 40 ms backoff a retry could be rewriting the envelope in tmp/).
+  queue.stop();
   try {
     const c = await ehlo(gw.port);
     const content = message('queued', 'Some body.\r\n');
