@@ -26,6 +26,8 @@ export const ErrorCodes = {
   SPOOL_FAILED: 'DOVETAIL_ERR_SPOOL',
   /** A transport failed as a whole (not a per-recipient refusal). */
   DELIVERY_FAILED: 'DOVETAIL_ERR_DELIVERY',
+  /** The authentication backend (dovecotAuth()) could not answer: unreachable, timeout, protocol error, temporary failure. */
+  AUTH_UNAVAILABLE: 'DOVETAIL_ERR_AUTH_UNAVAILABLE',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

@@ -72,6 +72,10 @@ export type { MaildirOptions } from './delivery/maildir.js';
 export type { Transport, DeliveryEnvelope, MessageSource, RecipientResult, DeliveryStatus, DeferredQueue } from './delivery/types.js';
 
 export { DovetailError, ErrorCodes, isDovetailError } from './errors.js';
+
+// SASL against a Dovecot auth service (Postfix's smtpd_sasl_type = dovecot).
+export { dovecotAuth, DEFAULT_DOVECOT_AUTH_TIMEOUT } from './auth/dovecot.js';
+export type { DovecotAuthOptions, DovecotAuthenticator } from './auth/dovecot.js';
 export type { ErrorCode } from './errors.js';
 export { Channels } from './diagnostics.js';
 export type { SpoolOptions } from './message/spool.js';

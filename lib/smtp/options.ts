@@ -7,6 +7,9 @@ import type { Milter, MilterTimeouts } from '../milter/types.js';
 import type { DeferredQueue, Transport } from '../delivery/types.js';
 import type { SpoolOptions } from '../message/spool.js';
 import { mayRouteOutbound } from '../handoff/handoff.js';
+import type { AuthRequest } from '../auth/types.js';
+
+export type { AuthRequest } from '../auth/types.js';
 
 /**
  * One listening socket, and its profile (a master.cf line): port 25 for MTAs, submission
@@ -33,14 +36,6 @@ export interface ListenOptions {
   readonly submission?: boolean;
   /** This listener's milter chain (Postfix's `-o smtpd_milters=` in master.cf). Default: the gateway's `milters`. */
   readonly milters?: readonly Milter[];
-}
-
-/** Credentials from SMTP AUTH (PLAIN or LOGIN), offered only after STARTTLS unless allowed. */
-export interface AuthRequest {
-  readonly method: string;
-  readonly username: string;
-  readonly password: string;
-  readonly client: { readonly address: string; readonly tls: boolean };
 }
 
 export interface GatewayOptions {
