@@ -5,6 +5,8 @@
  * docs/writing-a-milter.md for the Milter interface.
  */
 export { createGateway } from './smtp/gateway.js';
+export { memoryAnvil } from './smtp/anvil.js';
+export type { Anvil, AnvilRefusal, ClientLimitOptions } from './smtp/anvil.js';
 export { handoff, summarize, mixed, isOutbound } from './handoff/handoff.js';
 export type { HandoffConfig, HandoffOutcome } from './handoff/handoff.js';
 export type { Gateway, GatewayOptions, ListenOptions, AuthRequest } from './smtp/gateway.js';

@@ -24,6 +24,23 @@ export const AUTH_NEEDS_TLS = smtpReply(538, '5.7.11', 'Encryption required for 
  * HELO/EHLO answered, and a command it does not recognise.
  */
 export class GatewayConnection extends ExactConnection {
+  /** Error limits (Postfix smtpd_soft_error_limit / smtpd_hard_error_limit / smtpd_error_sleep_time). */
+  errorLimits = { soft: 10, hard: 20, sleep: 1000 };
+  /** 4xx/5xx replies sent on this connection so far. */
+  errors = 0;
+  /** Said when the hard limit is reached (our host name in it, as Postfix). */
+  tooManyErrors = '4.7.0 Error: too many errors';
+
+  /** Counts every 4xx/5xx reply but the 421 that closes the connection, and closes at the hard limit. */
+  override send(code: number, data?: string | string[] | null, context?: string | false): void {
+    super.send(code, data, context);
+    if (code >= 400 && code !== 421 && ++this.errors >= this.errorLimits.hard) {
+      // smtp-server closes the connection after a 421.
+      super.send(421, this.tooManyErrors, false);
+    }
+  }
+
+
   /** True unless allowInsecureAuth: AUTH exists only once the connection is encrypted. */
   authNeedsTls = true;
 
@@ -50,6 +67,19 @@ export class GatewayConnection extends ExactConnection {
   onUnknown: ((session: SMTPServerSession, command: string) => Promise<SmtpReply | undefined>) | undefined;
 
   override _onCommand(command: Buffer, callback?: () => void): void {
+    // Past the soft limit each command waits longer (errors − soft) × sleep ms before it is
+    // looked at, as Postfix's smtpd sleeps before its reply: a client that keeps failing slows down.
+    const over = this.errors - this.errorLimits.soft;
+    if (over > 0 && this.errorLimits.sleep > 0 && !this._nextHandler) {
+      setTimeout(() => {
+        if (!this._closed && !this._closing) this.handle(command, callback);
+      }, over * this.errorLimits.sleep);
+      return;
+    }
+    this.handle(command, callback);
+  }
+
+  private handle(command: Buffer, callback?: () => void): void {
     const line = (command ?? '').toString();
     const name = line.split(' ', 1)[0]?.toUpperCase() ?? '';
     if (name === 'AUTH' && this.authNeedsTls && !this.secure && !this._nextHandler && this._ready && !this._upgrading) {

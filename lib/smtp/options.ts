@@ -8,6 +8,7 @@ import type { DeferredQueue, Transport } from '../delivery/types.js';
 import type { SpoolOptions } from '../message/spool.js';
 import { mayRouteOutbound } from '../handoff/handoff.js';
 import type { AuthRequest } from '../auth/types.js';
+import type { Anvil, ClientLimitOptions } from './anvil.js';
 
 export type { AuthRequest } from '../auth/types.js';
 
@@ -100,6 +101,24 @@ export interface GatewayOptions {
   readonly maxHops?: number;
   /** Recipients per message (Postfix: smtpd_recipient_limit). Default 1000. */
   readonly maxRecipients?: number;
+  /**
+   * Per-client limits (Postfix anvil): concurrent connections per client address (default
+   * 50, smtpd_client_connection_count_limit), new connections per time unit (default off,
+   * smtpd_client_connection_rate_limit), exemptions. Over a limit the client is greeted
+   * `421 4.7.0 <hostname> Error: too many connections from <addr>` and disconnected.
+   * `false` turns them off.
+   */
+  readonly clientLimits?: ClientLimitOptions | false;
+  /** Where the per-client counters live: this process by default; a shared store (Redis) for several workers. */
+  readonly anvil?: Anvil;
+  /**
+   * Errors (4xx/5xx replies) one session may collect: past `soft` each next command is
+   * answered only after (errors − soft) × `sleep` ms; at `hard` the client gets
+   * `421 4.7.0 <hostname> Error: too many errors` and is disconnected. Default soft 10,
+   * hard 20, sleep 1000 (Postfix smtpd_soft_error_limit, smtpd_hard_error_limit,
+   * smtpd_error_sleep_time).
+   */
+  readonly errorLimits?: { readonly soft?: number; readonly hard?: number; readonly sleep?: number };
   /** Concurrent connections per listener. Default 1000. */
   readonly maxClients?: number;
   /** Bare CR or LF in DATA: refuse the message (default) or rewrite to CRLF. */
@@ -148,6 +167,11 @@ export function validateOptions(options: GatewayOptions, listen: readonly Listen
     bad(`delivery ${options.delivery.name} routes recipients to an outbound transport: createGateway needs a queue (createQueue({ dir, transport }))`);
   }
   positive('maxClients', options.maxClients);
+  positive('errorLimits.soft', options.errorLimits?.soft, 1);
+  positive('errorLimits.hard', options.errorLimits?.hard, 1);
+  positive('errorLimits.sleep', options.errorLimits?.sleep, 0);
+  if ((options.errorLimits?.hard ?? 20) < (options.errorLimits?.soft ?? 10)) bad('errorLimits.hard must not be below errorLimits.soft');
+  if (options.anvil !== undefined && typeof options.anvil.connect !== 'function') bad('anvil must have connect()');
   positive('socketTimeout', options.socketTimeout);
   positive('closeTimeout', options.closeTimeout, 0);
   positive('authFailureDelay', options.authFailureDelay, 0);

@@ -1,0 +1,124 @@
+/**
+ * Per-client limits, as Postfix's anvil(8) keeps them for smtpd: how many connections one
+ * client address holds at once (smtpd_client_connection_count_limit) and how many it opens
+ * per time unit (smtpd_client_connection_rate_limit, anvil_rate_time_unit), with an
+ * exemption list (smtpd_client_event_limit_exceptions). One client address can then no
+ * longer take every connection slot of a listener.
+ *
+ * {@link Anvil} is the interface the gateway asks; {@link memoryAnvil} keeps the counters in
+ * this process (a gateway, or one worker). A shared store (Redis, for several workers or
+ * machines) implements the same two calls.
+ *
+ * It deliberately does not: count messages or recipients per client (a rate-limit milter's
+ * job), or look at anything but the address (no per-network aggregation: give the network
+ * as the key if you want one — `key`).
+ */
+import net from 'node:net';
+import { Address4, Address6 } from 'ip-address';
+import { DovetailError, ErrorCodes } from '../errors.js';
+
+/** Why a connection was refused. */
+export type AnvilRefusal = 'count' | 'rate';
+
+/** What the gateway asks when a client connects, and tells when it goes. */
+export interface Anvil {
+  /** A new connection from `client`: allowed (and counted), or why not. */
+  connect(client: string): { readonly ok: true; readonly release: () => void } | { readonly ok: false; readonly why: AnvilRefusal };
+}
+
+/** Options of {@link memoryAnvil}, and of the gateway's `clientLimits`. */
+export interface ClientLimitOptions {
+  /** Connections one client address may hold at once; 0: no limit. Default 50 (Postfix). */
+  readonly maxConnections?: number;
+  /** New connections one client address may open per `window`; 0: no limit. Default 0 (Postfix: off). */
+  readonly connectionRate?: number;
+  /** The rate's time unit, ms (Postfix anvil_rate_time_unit). Default 60 000. */
+  readonly window?: number;
+  /** Client addresses or CIDR blocks the limits do not apply to. Default none. */
+  readonly exempt?: readonly string[];
+  /** The time now, ms (for tests). Default Date.now. */
+  readonly clock?: () => number;
+}
+
+/** An exemption list as a test of one address (IPv4-mapped IPv6 matches the IPv4 entries). */
+function matcher(list: readonly string[]): (address: string) => boolean {
+  const v4: Address4[] = [];
+  const v6: Address6[] = [];
+  for (const entry of list) {
+    try {
+      if (Address4.isValid(entry)) v4.push(new Address4(entry));
+      else if (Address6.isValid(entry)) v6.push(new Address6(entry));
+      else throw new Error('bad');
+    } catch {
+      throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `clientLimits.exempt: ${JSON.stringify(entry)} is not an IP address or CIDR block`);
+    }
+  }
+  return (address) => {
+    if (net.isIPv4(address)) {
+      const a = new Address4(address);
+      return v4.some((n) => a.isInSubnet(n));
+    }
+    if (net.isIPv6(address)) {
+      const a = new Address6(address.replace(/%.*$/, ''));
+      if (a.is4() && v4.some((n) => a.to4().isInSubnet(n))) return true;
+      return v6.some((n) => a.isInSubnet(n));
+    }
+    return false;
+  };
+}
+
+/** Counters kept in this process. */
+export function memoryAnvil(options: ClientLimitOptions = {}): Anvil {
+  const positive = (name: string, v: unknown, min: number): void => {
+    if (v !== undefined && !(typeof v === 'number' && Number.isSafeInteger(v) && v >= min)) {
+      throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `clientLimits.${name} must be an integer >= ${min}`);
+    }
+  };
+  positive('maxConnections', options.maxConnections, 0);
+  positive('connectionRate', options.connectionRate, 0);
+  positive('window', options.window, 1);
+  const maxConnections = options.maxConnections ?? 50;
+  const rate = options.connectionRate ?? 0;
+  const window = options.window ?? 60_000;
+  const clock = options.clock ?? Date.now;
+  const exempt = matcher(options.exempt ?? []);
+  /** Per client: connections open now, and the start times of the current rate window's connections. */
+  const clients = new Map<string, { open: number; windowStart: number; count: number }>();
+
+  const forget = (client: string, c: { open: number; windowStart: number }): void => {
+    if (c.open === 0 && (rate === 0 || clock() - c.windowStart >= window)) clients.delete(client);
+  };
+
+  return {
+    connect(client) {
+      if (exempt(client)) return { ok: true, release: () => undefined };
+      const now = clock();
+      // Keep the table as small as the set of clients with something to remember.
+      if (clients.size >= 10_000) for (const [k, e] of clients) forget(k, e);
+      let c = clients.get(client);
+      if (!c) clients.set(client, (c = { open: 0, windowStart: now, count: 0 }));
+      const entry = c;
+      if (maxConnections > 0 && entry.open >= maxConnections) return { ok: false, why: 'count' };
+      if (rate > 0) {
+        // A fixed window per client, as anvil's rate counters (reset after each time unit).
+        if (now - entry.windowStart >= window) {
+          entry.windowStart = now;
+          entry.count = 0;
+        }
+        if (entry.count >= rate) return { ok: false, why: 'rate' };
+        entry.count++;
+      }
+      entry.open++;
+      let released = false;
+      return {
+        ok: true,
+        release: () => {
+          if (released) return;
+          released = true;
+          entry.open--;
+          forget(client, entry);
+        },
+      };
+    },
+  };
+}
