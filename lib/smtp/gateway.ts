@@ -41,6 +41,7 @@ import { maildir } from '../delivery/maildir.js';
 import { isRouting } from '../delivery/routes.js';
 import { handoff } from '../handoff/handoff.js';
 import { authHandler } from './auth.js';
+import { memoryAnvil, type Anvil } from './anvil.js';
 import { GatewayConnection } from './connection.js';
 import { ingest, type IngestProblem } from './ingest.js';
 import { validateOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
@@ -108,9 +109,13 @@ export function createGateway(options: GatewayOptions): Gateway {
   const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
   const maxHops = options.maxHops ?? 50;
   const DEFAULT_QUARANTINE_ROOT = path.resolve('var/quarantine');
-  const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT });
+  const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT, deliveredTo: false });
   const sessions = new WeakMap<SMTPServerSession, GatewaySession>();
   const insecureAuth = options.allowInsecureAuth ?? false;
+  const errorLimits = { soft: options.errorLimits?.soft ?? 10, hard: options.errorLimits?.hard ?? 20, sleep: options.errorLimits?.sleep ?? 1000 };
+  const anvil: Anvil | undefined = options.anvil ?? (options.clientLimits === false ? undefined : memoryAnvil(options.clientLimits ?? {}));
+  /** What to call when a counted connection goes. */
+  const releases = new WeakMap<SMTPServerSession, () => void>();
   let inflight = 0;
   let closing = false;
   let drained: (() => void) | undefined;
@@ -120,6 +125,15 @@ export function createGateway(options: GatewayOptions): Gateway {
   const refusal = (out: StageOutcome): SmtpReply | undefined => (out.type === 'reject' || out.type === 'tempfail' ? out.reply : undefined);
 
   async function onConnect(listener: Listener, session: SMTPServerSession): Promise<void> {
+    if (anvil) {
+      // Postfix anvil: one client address may not hold every slot, nor open them too fast.
+      const got = anvil.connect(session.remoteAddress);
+      if (!got.ok) {
+        channels.error.publish({ sessionId: session.id, error: new DovetailError(ErrorCodes.CLIENT_LIMIT, `${session.remoteAddress}: ${got.why === 'count' ? 'too many connections' : 'connection rate'} limit`) });
+        throw replyError(smtpReply(421, '4.7.0', `${hostname} Error: too many ${got.why === 'count' ? 'connections' : 'connection requests'} from ${session.remoteAddress}`));
+      }
+      releases.set(session, got.release);
+    }
     const facts = sessionFacts(session, hostname, listener.name);
     const gs: GatewaySession = { listener, facts, chain: listener.chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0 };
     sessions.set(session, gs);
@@ -309,6 +323,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       // Same as SMTPServer.connect, with our connection class.
       const connection = new GatewayConnection(this, socket, socketOptions as ConnectionOptions);
       connection.authNeedsTls = !insecureAuth;
+      connection.errorLimits = errorLimits;
+      connection.tooManyErrors = `4.7.0 ${hostname} Error: too many errors`;
       connection.onUnknown = async (session, command) => {
         const gs = sessions.get(session);
         return gs ? refusal(await gs.chain.unknown(command)) : undefined;
@@ -391,6 +407,8 @@ export function createGateway(options: GatewayOptions): Gateway {
         });
       },
       onClose: (session) => {
+        releases.get(session)?.();
+        releases.delete(session);
         const gs = sessions.get(session);
         sessions.delete(session);
         if (gs) {
