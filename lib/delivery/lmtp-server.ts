@@ -13,7 +13,9 @@
  *   MAIL FROM's SIZE= would overflow it, else per recipient after the final dot (quota = bytes
  *   already in the user's maildir new/ and cur/ plus this message);
  * - stored: `250 2.0.0 <addr> Ok: stored as <file>`; a storage failure: maildir()'s own
- *   `451 4.3.0` (or `452 4.3.1` for a full disk), per recipient.
+ *   `451 4.3.0` (or `452 4.3.1` for a full disk), per recipient;
+ * - already delivered to that address (the message carries `Delivered-To: <addr>`):
+ *   `554 5.4.6 <addr>: mail forwarding loop for <addr>`, per recipient after the final dot.
  *
  * It deliberately does not: authenticate, run Sieve, deduplicate, keep a quota cache (the
  * quota is the sum of file sizes, read at each check: fine for a test or small store, not
@@ -30,7 +32,7 @@ import type { EnvelopeAddress } from '../milter/types.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 import { adoptConnection, ExactConnection, isReplyError, markedReply, replyError, type ConnectionOptions } from '../smtp-server/exact-replies.js';
 import { spoolFrom, type SpoolOptions } from '../message/spool.js';
-import { defaultMailbox, maildir, notServed, servedDomains } from './maildir.js';
+import { checkDelimiter, defaultMailbox, maildir, notServed, servedDomains, withoutExtension } from './maildir.js';
 import type { RecipientResult } from './types.js';
 
 export interface LmtpServerOptions {
@@ -38,7 +40,7 @@ export interface LmtpServerOptions {
   readonly root: string;
   /** Where to listen: TCP (port 0 picks a free one) or a unix socket path. */
   readonly listen: { readonly host?: string; readonly port: number } | { readonly path: string };
-  /** Per-user limit in bytes: one number for every user, or a function of the lower-cased address (Infinity = none). */
+  /** Per-user limit in bytes: one number for every user, or a function of the lower-cased address, without its extension when recipientDelimiter is set (Infinity = none). */
   readonly quota?: { readonly maxBytes: number } | ((user: string) => number);
   /**
    * The domains this store holds mail for (`example.com`, `.example.com` for subdomains):
@@ -62,6 +64,18 @@ export interface LmtpServerOptions {
   readonly spool?: SpoolOptions;
   /** Idle time before a client is disconnected, ms. Default 300 000. */
   readonly socketTimeout?: number;
+  /**
+   * Postfix `recipient_delimiter` (passed to maildir()): `bob+tag@example.com` is stored in
+   * `bob@example.com`'s maildir, counts against bob's quota and is known when bob is (`users`
+   * is asked about the full address first, then about the address without its extension).
+   * Default: none.
+   */
+  readonly recipientDelimiter?: string;
+  /**
+   * Prepend `Delivered-To: <recipient>` and refuse a recipient the message was already
+   * delivered to (`554 5.4.6 mail forwarding loop for <address>`), as maildir() does. Default true.
+   */
+  readonly deliveredTo?: boolean;
 }
 
 export interface LmtpServer {
@@ -92,7 +106,16 @@ export async function createLmtpServer(options: LmtpServerOptions): Promise<Lmtp
     throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'createLmtpServer() needs listen: { host, port } or { path }');
   }
   const root = path.resolve(options.root);
-  const store = maildir({ root, fsync: options.fsync ?? true, ...(options.domains ? { domains: options.domains } : {}) });
+  const delimiter = checkDelimiter('createLmtpServer()', options.recipientDelimiter);
+  const store = maildir({
+    root,
+    fsync: options.fsync ?? true,
+    ...(options.domains ? { domains: options.domains } : {}),
+    ...(delimiter ? { recipientDelimiter: delimiter } : {}),
+    ...(options.deliveredTo !== undefined ? { deliveredTo: options.deliveredTo } : {}),
+  });
+  /** The mailbox owner: the address without its extension. */
+  const ownerOf = (address: string): string => withoutExtension(address, delimiter);
   const serves = servedDomains('createLmtpServer()', options.domains);
   const maxBytes = options.maxMessageBytes ?? 50 * 1024 * 1024;
   const quota = options.quota;
@@ -100,15 +123,16 @@ export async function createLmtpServer(options: LmtpServerOptions): Promise<Lmtp
     quota === undefined ? Infinity : typeof quota === 'function' ? quota(user) : quota.maxBytes;
   const users = options.users;
   const knownSet = Array.isArray(users) ? new Set(users.map((u) => u.toLowerCase())) : undefined;
+  const knownAs = (address: string): boolean => (knownSet ? knownSet.has(address.toLowerCase()) : (users as (a: string) => boolean)(address));
   const known = (address: string): boolean =>
-    users === undefined || options.unknownUser === 'accept' ? true : knownSet ? knownSet.has(address.toLowerCase()) : (users as (a: string) => boolean)(address);
+    users === undefined || options.unknownUser === 'accept' ? true : knownAs(address) || (ownerOf(address) !== address && knownAs(ownerOf(address)));
   const counters = { sessions: 0, transactions: 0, stored: 0, refused: 0 };
 
   const full = (addr: string): SmtpReply => smtpReply(552, '5.2.2', `<${addr}>: Mailbox full`);
 
   /** Bytes in `<root>/<mailbox>/{new,cur}`. */
   async function used(rcpt: EnvelopeAddress): Promise<number> {
-    const dir = path.join(root, defaultMailbox(rcpt));
+    const dir = path.join(root, defaultMailbox({ address: ownerOf(rcpt.address), args: rcpt.args }));
     let total = 0;
     for (const sub of ['new', 'cur']) {
       let names: string[];
@@ -139,7 +163,7 @@ export async function createLmtpServer(options: LmtpServerOptions): Promise<Lmtp
       counters.refused++;
       throw replyError(smtpReply(550, '5.1.1', `<${rcpt.address}>: User unknown in local recipient table`));
     }
-    const limit = limitOf(rcpt.address.toLowerCase());
+    const limit = limitOf(ownerOf(rcpt.address).toLowerCase());
     if (Number.isFinite(limit)) {
       const from = session.envelope.mailFrom;
       const announced = Number(from ? toEnvelope(from).args['SIZE'] ?? 0 : 0) || 0;
@@ -167,7 +191,7 @@ export async function createLmtpServer(options: LmtpServerOptions): Promise<Lmtp
       const within: number[] = [];
       await Promise.all(
         rcpts.map(async (r, i) => {
-          const limit = limitOf(r.address.toLowerCase());
+          const limit = limitOf(ownerOf(r.address).toLowerCase());
           if (Number.isFinite(limit) && (await used(r)) + spool.size > limit) out[i] = full(r.address);
           else within.push(i);
         }),

@@ -3,16 +3,25 @@
  * `<root>/<mailbox>/{tmp,new,cur}`, as qmail's maildir spec (https://cr.yp.to/proto/maildir.html,
  * "How a message is delivered") and Dovecot's deliver/LMTP do it:
  *
- * 1. write the message once into `tmp/` of the first usable recipient's maildir and fsync it;
+ * 1. write the message once into `tmp/` of the first usable recipient's maildir and fsync it
+ *    (once per folder when each copy carries its own Delivered-To line, see below);
  * 2. hard-link it into `new/` of every recipient's maildir under its own unique name
  *    (`<sec>.M<usec>P<pid>Q<n>.<host>,S=<size>`, Dovecot's form; S= is the stored size),
  *    copying through that maildir's `tmp/` when a link is not possible (EXDEV, EPERM, EMLINK);
  * 3. fsync each `new/` directory, then report `delivered`;
  * 4. unlink the `tmp/` file, on every path.
  *
- * Recipients whose addresses lead to the same folder (duplicates, or a custom mailbox()
- * that maps several addresses to one folder) get one copy and share its result, as
- * Postfix's local(8) drops duplicate deliveries.
+ * Recipients whose addresses lead to the same folder (duplicates, a custom mailbox()
+ * that maps several addresses to one folder, or `bob+a@` and `bob+b@` with a
+ * recipientDelimiter) get one copy and share its result, as Postfix's local(8) drops
+ * duplicate deliveries.
+ *
+ * Each copy starts with `Return-Path: <sender>` and `Delivered-To: <recipient>` (Postfix's
+ * local(8)/virtual(8) order), unless turned off. Since the Delivered-To line names one
+ * recipient, each folder then gets its own file (written once per folder, not hard-linked
+ * across recipients); with `deliveredTo: false` the message is written once and linked into
+ * every folder. A message that already carries `Delivered-To: <that recipient>` is a mail
+ * forwarding loop: that recipient fails with `554 5.4.6` and nothing is written for it.
  *
  * It deliberately does not: create `root` (a missing root is an unmounted or mistyped
  * store, so it defers instead of writing mail elsewhere), enforce quotas (the file system's
@@ -33,6 +42,7 @@ import type { SmtpReply } from '../milter/verdict.js';
 import type { DeliveryEnvelope, MessageSource, RecipientResult, Transport } from './types.js';
 import { syncDir, writeFileDurably } from './durable.js';
 import { canonicalDomain, domainOf, domainSet } from './domains.js';
+import Headers from 'mailsplit/lib/headers.js';
 
 /** Options of {@link maildir}. */
 export interface MaildirOptions {
@@ -62,6 +72,24 @@ export interface MaildirOptions {
    * gateway can relay).
    */
   domains?: readonly string[];
+  /**
+   * Prepend `Delivered-To: <recipient address>` to each recipient's copy (after Return-Path,
+   * as Postfix's local(8) and virtual(8) do), and treat a message that already carries a
+   * `Delivered-To:` field with that same address (case-insensitive) as a mail forwarding
+   * loop: that recipient fails with `554 5.4.6 mail forwarding loop for <address>` and
+   * nothing is stored for it. Default true. Give false for a store that holds mail rather
+   * than delivering it (a quarantine), so that a released message is not a "loop".
+   */
+  deliveredTo?: boolean;
+  /**
+   * Postfix `recipient_delimiter`: the characters that separate an address extension
+   * (`bob+tag@example.com`). Each character of the string is a delimiter; the local part is
+   * cut at the first one (a local part that starts with one is not cut). With it, the default
+   * folder name is that of the address without its extension, so `bob+tag@example.com` is
+   * stored in `bob@example.com`'s maildir; the extension stays in the envelope and in the
+   * Delivered-To line. A custom `mailbox()` still gets the full address. Default: none.
+   */
+  recipientDelimiter?: string;
 }
 
 const DELIVERY_ERROR = smtpReply(451, '4.3.0', 'Local delivery error');
@@ -71,6 +99,35 @@ const BAD_MAILBOX = smtpReply(550, '5.1.3', 'Bad destination mailbox address syn
 /** The reply for a recipient of a domain the store does not hold mail for. */
 export function notServed(address: string): SmtpReply {
   return smtpReply(550, '5.1.1', `<${address}>: Recipient address rejected: this mailstore does not hold mail for its domain`);
+}
+
+/** The reply for a recipient whose address the message already carries in a Delivered-To field. */
+export function forwardingLoop(address: string): SmtpReply {
+  return smtpReply(554, '5.4.6', `mail forwarding loop for ${headerSafe(address)}`);
+}
+
+/**
+ * The address without its extension, as Postfix splits it with `recipient_delimiter`: the
+ * local part is cut at the first delimiter character that is not its first character.
+ * Returns the address unchanged without delimiters or without an extension.
+ */
+export function withoutExtension(address: string, delimiters: string | undefined): string {
+  if (!delimiters) return address;
+  const at = address.lastIndexOf('@');
+  const local = at < 0 ? address : address.slice(0, at);
+  for (let i = 1; i < local.length; i++) {
+    if (delimiters.includes(local[i] as string)) return local.slice(0, i) + (at < 0 ? '' : address.slice(at));
+  }
+  return address;
+}
+
+/** Checks a recipientDelimiter option; returns it (undefined when not set). */
+export function checkDelimiter(who: string, value: unknown): string | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'string' || value === '' || /[@\s"\x00-\x1f\x7f]/.test(value) || value.length > 8) {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `${who}: recipientDelimiter must be a few characters such as '+' (no '@', quotes, spaces or control characters)`);
+  }
+  return value;
 }
 
 /** A test for "this store holds mail for the address's domain" from a `domains` option (undefined: every domain). */
@@ -96,6 +153,9 @@ const NAME_ATTEMPTS = 3;
 /** Longest escaped host part of unique names. */
 const MAX_HOST = 128;
 
+/** Folders written at the same time when each gets its own file (Delivered-To). */
+const PARALLEL_WRITES = 8;
+
 /** Per-process delivery counter: the `Q` part of unique names. */
 let deliveries = 0;
 
@@ -111,6 +171,8 @@ class SourceError extends Error {
 interface Box {
   readonly dir: string;
   readonly indexes: number[];
+  /** The lines written before the message (Return-Path, Delivered-To). */
+  readonly prefix: string;
   outcome?: { readonly filename: string } | { readonly error: unknown };
 }
 
@@ -145,8 +207,14 @@ export function maildir(options: MaildirOptions): Transport {
   if (options.hostname !== undefined && (typeof options.hostname !== 'string' || options.hostname === '')) {
     throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'maildir(): hostname must be a non-empty string');
   }
+  if (options.deliveredTo !== undefined && typeof options.deliveredTo !== 'boolean') {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'maildir(): deliveredTo must be a boolean');
+  }
+  const delimiter = checkDelimiter('maildir()', options.recipientDelimiter);
   const root = path.resolve(options.root);
-  const mailboxOf = options.mailbox ?? defaultMailbox;
+  const mailboxOf =
+    options.mailbox ?? (delimiter ? (r: EnvelopeAddress) => defaultMailbox({ address: withoutExtension(r.address, delimiter), args: r.args }) : defaultMailbox);
+  const deliveredTo = options.deliveredTo ?? true;
   const serves = servedDomains('maildir()', options.domains);
   const returnPath = options.returnPath ?? true;
   const sync = options.fsync ?? true;
@@ -193,11 +261,27 @@ export function maildir(options: MaildirOptions): Transport {
       results[i] = { recipient, status: 'deferred', reply: replyFor(error) };
     };
 
+    // 0. The addresses this message was already delivered to (its Delivered-To fields).
+    let delivered: Set<string> | undefined;
+    if (deliveredTo) {
+      try {
+        delivered = await deliveredToAddresses(message);
+      } catch (error) {
+        recipients.forEach((_r, i) => report(i, error));
+        return Array.from(recipients, (rcpt, i) => results[i] ?? { recipient: rcpt.address, status: 'deferred', reply: DELIVERY_ERROR });
+      }
+    }
+    const returnLine = returnPath ? `Return-Path: <${headerSafe(envelope.sender.address)}>\r\n` : '';
+
     // 1. Folder per recipient; one Box per distinct folder, in order of first appearance.
     const boxes = new Map<string, Box>();
     recipients.forEach((rcpt, i) => {
       if (!serves(rcpt.address)) {
         results[i] = { recipient: rcpt.address, status: 'failed', reply: notServed(rcpt.address) };
+        return;
+      }
+      if (delivered?.has(rcpt.address.toLowerCase())) {
+        results[i] = { recipient: rcpt.address, status: 'failed', reply: forwardingLoop(rcpt.address) };
         return;
       }
       let name: unknown;
@@ -218,7 +302,7 @@ export function maildir(options: MaildirOptions): Transport {
       const dir = path.join(root, name);
       const box = boxes.get(dir);
       if (box) box.indexes.push(i);
-      else boxes.set(dir, { dir, indexes: [i] });
+      else boxes.set(dir, { dir, indexes: [i], prefix: returnLine + (deliveredTo ? `Delivered-To: ${headerSafe(rcpt.address)}\r\n` : '') });
     });
     const all = [...boxes.values()];
 
@@ -233,43 +317,22 @@ export function maildir(options: MaildirOptions): Transport {
       }),
     );
 
-    // 3. Write the message once, into tmp/ of the first maildir that takes it.
-    let stored: Stored | undefined;
+    // 3. Per distinct prefix (one per folder with Delivered-To, one in all without): write
+    //    the message once, into tmp/ of the first maildir of that group that takes it.
+    const groups = new Map<string, Box[]>();
     for (const box of all) {
       if (box.outcome) continue;
-      try {
-        stored = await recovering(box.dir, () => writeTmp(box.dir, envelope, message));
-        break;
-      } catch (error) {
-        if (error instanceof SourceError) {
-          for (const b of all) if (!b.outcome) b.outcome = { error };
-          break;
-        }
-        // This maildir cannot take the file (its disk is full, its tmp/ is unwritable …):
-        // its recipients are deferred, the next maildir may still take it.
-        box.outcome = { error };
-      }
+      const g = groups.get(box.prefix);
+      if (g) g.push(box);
+      else groups.set(box.prefix, [box]);
     }
+    const queue = [...groups];
+    const worker = async (): Promise<void> => {
+      for (let next = queue.shift(); next; next = queue.shift()) await storeGroup(next[0], next[1], message);
+    };
+    await Promise.all(Array.from({ length: Math.min(PARALLEL_WRITES, queue.length) }, worker));
 
-    // 4. Link it into new/ of every maildir, fsync each new/, then drop the tmp/ file.
-    if (stored) {
-      const file = stored;
-      try {
-        await Promise.all(
-          all.map(async (box) => {
-            if (box.outcome) return;
-            try {
-              box.outcome = { filename: await recovering(box.dir, () => place(box.dir, file)) };
-            } catch (error) {
-              box.outcome = { error };
-            }
-          }),
-        );
-      } finally {
-        await unlink(file.path).catch(() => {});
-      }
-    }
-
+    // 4. One result per recipient, from its folder's outcome.
     for (const box of all) {
       const outcome = box.outcome ?? { error: new DovetailError(ErrorCodes.DELIVERY_FAILED, 'maildir: not delivered') };
       for (const i of box.indexes) {
@@ -287,11 +350,51 @@ export function maildir(options: MaildirOptions): Transport {
     return Array.from(recipients, (rcpt, i) => results[i] ?? { recipient: rcpt.address, status: 'deferred', reply: DELIVERY_ERROR });
   }
 
-  /** Streams the message (after the Return-Path line) into a new file in `<dir>/tmp/`, fsynced and closed. */
-  async function writeTmp(dir: string, envelope: DeliveryEnvelope, message: MessageSource): Promise<Stored> {
+  /**
+   * Writes the message once (with `prefix` before it) into tmp/ of the first maildir of the
+   * group that takes it, links it into new/ of every maildir of the group, fsyncs each new/,
+   * then drops the tmp/ file. Sets every box's outcome.
+   */
+  async function storeGroup(prefix: string, group: readonly Box[], message: MessageSource): Promise<void> {
+    let stored: Stored | undefined;
+    for (const box of group) {
+      if (box.outcome) continue;
+      try {
+        stored = await recovering(box.dir, () => writeTmp(box.dir, prefix, message));
+        break;
+      } catch (error) {
+        if (error instanceof SourceError) {
+          for (const b of group) if (!b.outcome) b.outcome = { error };
+          break;
+        }
+        // This maildir cannot take the file (its disk is full, its tmp/ is unwritable …):
+        // its recipients are deferred, the next maildir may still take it.
+        box.outcome = { error };
+      }
+    }
+    if (!stored) return;
+    const file = stored;
+    try {
+      await Promise.all(
+        group.map(async (box) => {
+          if (box.outcome) return;
+          try {
+            box.outcome = { filename: await recovering(box.dir, () => place(box.dir, file)) };
+          } catch (error) {
+            box.outcome = { error };
+          }
+        }),
+      );
+    } finally {
+      await unlink(file.path).catch(() => {});
+    }
+  }
+
+  /** Streams the message (after `prefix`: the Return-Path and Delivered-To lines) into a new file in `<dir>/tmp/`, fsynced and closed. */
+  async function writeTmp(dir: string, prefix: string, message: MessageSource): Promise<Stored> {
     const file = path.join(dir, 'tmp', uniqueName(host));
     async function* chunks(): AsyncGenerator<Buffer> {
-      if (returnPath) yield Buffer.from(`Return-Path: <${headerSafe(envelope.sender.address)}>\r\n`, 'utf8');
+      if (prefix) yield Buffer.from(prefix, 'utf8');
       let body = 0;
       for await (const chunk of source(message)) {
         body += chunk.length;
@@ -444,6 +547,48 @@ async function* source(message: MessageSource): AsyncGenerator<Buffer> {
   }
 }
 
+
+/** The most of the message read to find its header block for the loop check. */
+const MAX_HEAD_BYTES = 1024 * 1024;
+
+/**
+ * The addresses of the message's `Delivered-To:` fields, lower-cased, without angle
+ * brackets. Reads the header block only (at most MAX_HEAD_BYTES); parsed with mailsplit.
+ */
+async function deliveredToAddresses(message: MessageSource): Promise<Set<string>> {
+  const parts: Buffer[] = [];
+  let length = 0;
+  let end = -1;
+  for await (const chunk of source(message)) {
+    parts.push(chunk);
+    const from = Math.max(0, length - 3);
+    length += chunk.length;
+    const head = parts.length === 1 ? chunk : Buffer.concat(parts);
+    if (parts.length > 1) parts.splice(0, parts.length, head);
+    if (head.subarray(0, 2).toString('latin1') === '\r\n') {
+      end = 0;
+      break;
+    }
+    const at = head.indexOf('\r\n\r\n', from);
+    if (at >= 0) {
+      end = at + 2;
+      break;
+    }
+    if (length >= MAX_HEAD_BYTES) break;
+  }
+  const head = parts[0] ?? Buffer.alloc(0);
+  const block = end >= 0 ? head.subarray(0, end) : head.subarray(0, Math.max(0, head.lastIndexOf('\r\n') + 2));
+  const out = new Set<string>();
+  if (block.length === 0) return out;
+  for (const field of new Headers(block).getList()) {
+    if (field.key !== 'delivered-to') continue;
+    const line = Buffer.from(field.line, 'latin1').toString('utf8');
+    let value = line.slice(line.indexOf(':') + 1).replace(/\r?\n/g, '').trim();
+    if (value.startsWith('<') && value.endsWith('>')) value = value.slice(1, -1).trim();
+    if (value) out.add(value.toLowerCase());
+  }
+  return out;
+}
 
 async function createMaildir(dir: string): Promise<void> {
   // Not recursive: root must exist (see the header).

@@ -45,8 +45,17 @@ const BINARIES = ['/usr/sbin/dovecot', '/usr/lib/dovecot/lmtp', '/usr/bin/dovead
 
 const localPart = (address: string): string => address.slice(0, address.lastIndexOf('@')).toLowerCase();
 
+/** Settings of the started Dovecot beyond its users. */
+export interface DovecotOptions {
+  /**
+   * Dovecot's `recipient_delimiter` (e.g. `'+'`): `bob+tag@` is delivered to user bob (the
+   * detail is dropped for the userdb lookup and kept in the envelope and Delivered-To).
+   */
+  readonly recipientDelimiter?: string;
+}
+
 /** Starts Dovecot LMTP with these users. */
-export async function startDovecot(users: readonly DovecotUser[]): Promise<Dovecot> {
+export async function startDovecot(users: readonly DovecotUser[], options: DovecotOptions = {}): Promise<Dovecot> {
   for (const b of BINARIES) {
     if (!existsSync(b)) throw new Error(`${b} is missing: install dovecot-core and dovecot-lmtpd (see .ci/run)`);
   }
@@ -90,6 +99,7 @@ export async function startDovecot(users: readonly DovecotUser[]): Promise<Dovec
       // Store the message's own CRLF bytes, so the body compares byte for byte.
       'mail_save_crlf = yes',
       'lmtp_rcpt_check_quota = yes',
+      ...(options.recipientDelimiter ? [`recipient_delimiter = ${options.recipientDelimiter}`] : []),
       'plugin {',
       '  quota = maildir:User quota',
       '}',

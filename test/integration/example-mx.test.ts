@@ -106,12 +106,12 @@ async function sign(message: string): Promise<string> {
   return r.signatures + message;
 }
 
-/** The stored message's header lines, unfolded, without the Return-Path the Maildir adds. */
+/** The stored message's header lines, unfolded, without the Return-Path and Delivered-To the Maildir adds. */
 function headerLines(m: Buffer): string[] {
   return split(m)
     .headers.replace(/\r\n[ \t]+/g, ' ')
     .split('\r\n')
-    .filter((l) => l && !l.startsWith('Return-Path:'));
+    .filter((l) => l && !l.startsWith('Return-Path:') && !l.startsWith('Delivered-To:'));
 }
 
 async function session<T>(port: number, run: (c: RawClient) => Promise<T>): Promise<T> {

@@ -28,7 +28,7 @@ async function deliverWith(eom: Parameters<typeof defineMilter>[0]['eom'], rcpts
 }
 
 function headerLines(msg: Buffer): string[] {
-  // Skip Return-Path (maildir) and our Received (first two fields), unfold nothing.
+  // The whole header block (maildir's Return-Path and Delivered-To first), unfold nothing.
   return split(msg).headers.split(/\r\n(?![ \t])/).filter(Boolean);
 }
 
@@ -56,10 +56,11 @@ test('insertHeader(1) puts a header first (before our Received); a position past
     const [m] = await stored(gw.root, 'bob@example.test');
     const lines = headerLines(m!);
     assert.equal(lines[0], 'Return-Path: <alice@sender.test>');
-    assert.equal(lines[1], 'X-First: yes');
-    assert.match(lines[2]!, /^Received: from client\.example\.test/);
-    assert.equal(lines[3], 'X-Third: yes');
-    assert.match(lines[4]!, /^Received: from relay\.sender\.test/);
+    assert.equal(lines[1], 'Delivered-To: bob@example.test');
+    assert.equal(lines[2], 'X-First: yes');
+    assert.match(lines[3]!, /^Received: from client\.example\.test/);
+    assert.equal(lines[4], 'X-Third: yes');
+    assert.match(lines[5]!, /^Received: from relay\.sender\.test/);
     assert.equal(lines.at(-1), 'X-Last: yes');
   } finally {
     await gw.close();

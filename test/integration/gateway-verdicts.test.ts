@@ -23,7 +23,8 @@ test('no milters: a message to two recipients is stored for both, with our Recei
       assert.ok(m, `stored for ${rcpt}`);
       assert.equal(more, undefined);
       const text = m.toString('utf8');
-      assert.match(text, /^Return-Path: <alice@sender\.test>\r\nReceived: from client\.example\.test \(unknown \[127\.0\.0\.1\]\)\r\n\tby mx\.test \(dovetail\) with ESMTP id /);
+      assert.match(text, /^Return-Path: <alice@sender\.test>\r\nDelivered-To: ([^\r]+)\r\nReceived: from client\.example\.test \(unknown \[127\.0\.0\.1\]\)\r\n\tby mx\.test \(dovetail\) with ESMTP id /);
+      assert.equal(/^Return-Path: [^\r]*\r\nDelivered-To: ([^\r]+)\r\n/.exec(text)?.[1], rcpt, 'maildir names the recipient of this copy');
       assert.ok(text.includes(`id ${queueId}`));
       assert.ok(text.endsWith(msg), 'the message follows the trace headers byte for byte');
     }

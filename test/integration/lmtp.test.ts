@@ -43,8 +43,14 @@ async function store(opts: Partial<LmtpServerOptions> = {}): Promise<LmtpServer 
   return Object.assign(s, { root, port: 'port' in s.address ? s.address.port : 0 });
 }
 
-/** The stored message without the store's Return-Path line. */
-const withoutReturnPath = (m: Buffer): Buffer => (m.subarray(0, 13).toString() === 'Return-Path: ' ? m.subarray(m.indexOf('\r\n') + 2) : m);
+/** The stored message without the store's Return-Path and Delivered-To lines. */
+const withoutReturnPath = (m: Buffer): Buffer => {
+  let out = m;
+  for (const name of ['Return-Path: ', 'Delivered-To: ']) {
+    if (out.subarray(0, name.length).toString() === name) out = out.subarray(out.indexOf('\r\n') + 2);
+  }
+  return out;
+};
 
 describe('pure parts', () => {
   it('ReplyDecoder: multi-line replies, enhanced codes, split at every byte', () => {

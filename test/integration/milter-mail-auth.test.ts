@@ -69,12 +69,12 @@ async function gatewayWith(options: MailAuthOptions = {}) {
   return { gw, seen };
 }
 
-/** The stored message's header lines (unfolded), without the Return-Path the Maildir adds. */
+/** The stored message's header lines (unfolded), without the Return-Path and Delivered-To the Maildir adds. */
 function headerLines(m: Buffer): string[] {
   return split(m)
     .headers.replace(/\r\n[ \t]+/g, ' ')
     .split('\r\n')
-    .filter((l) => l && !l.startsWith('Return-Path:'));
+    .filter((l) => l && !l.startsWith('Return-Path:') && !l.startsWith('Delivered-To:'));
 }
 
 test('a signed message from an SPF-passing client: Authentication-Results first, then Received-SPF; score entries', async () => {

@@ -266,7 +266,7 @@ test('PROGRESS keeps a slow end of message alive past the content timeout; edits
       const { headers, body } = split(m!);
       assert.match(headers, /\r\nX-Slow: done\r\n/);
       assert.match(headers, /\r\nSubject: changed\r\n/);
-      assert.match(headers, /^Return-Path: [^\r]*\r\nReceived: (?:[^\r]*\r\n\t)*[^\r]*\r\nX-Second: two\r\n/, 'INSHEADER index 1 → position 2');
+      assert.match(headers, /^Return-Path: [^\r]*\r\nDelivered-To: bob@example\.test\r\nReceived: (?:[^\r]*\r\n\t)*[^\r]*\r\nX-Second: two\r\n/, 'INSHEADER index 1 → position 2');
       assert.equal(body.toString(), 'new body\r\n');
       c.end();
     });

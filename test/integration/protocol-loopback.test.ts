@@ -119,7 +119,8 @@ test('every stage reaches the served milter; every edit lands in the stored mess
   const { headers, body } = split(bob);
   const lines = headers.split(/\r\n(?![ \t])/).filter(Boolean);
   assert.equal(lines[0], 'Return-Path: <bounce@sender.test>');
-  assert.equal(lines[1], 'X-First: first');
+  assert.equal(lines[1], 'Delivered-To: bob@example.test');
+  assert.equal(lines[2], 'X-First: first');
   assert.ok(lines.includes('Subject: [ext] edit me'), headers);
   assert.ok(!lines.some((l) => l.startsWith('X-Internal')), headers);
   assert.equal(lines.at(-1), 'X-Checked: yes');

@@ -49,8 +49,9 @@ test('libmilter reference filter: rcpt reject/tempfail replies, every eom edit l
     const { headers, body } = split(bob);
     const lines = headers.split('\r\n');
     assert.equal(lines[0], 'Return-Path: <bounce@sender.test>', 'CHGFROM (maildir writes the envelope sender first)');
-    assert.equal(lines[1], 'X-Inserted: at the top', 'INSHEADER index 0 puts it first, above our Received');
-    assert.match(lines[2] ?? '', /^Received: from client\.example\.test/);
+    assert.equal(lines[1], 'Delivered-To: bob@example.test', 'maildir names the recipient of this copy');
+    assert.equal(lines[2], 'X-Inserted: at the top', 'INSHEADER index 0 puts it first, above our Received');
+    assert.match(lines[3] ?? '', /^Received: from client\.example\.test/);
     assert.match(headers, /\r\nX-Added: yes\r\n/);
     assert.match(headers, /\r\nSubject: \[filtered\] hello world\r\n/);
     assert.doesNotMatch(headers, /\r\nX-Remove-Me:/);
