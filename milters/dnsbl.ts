@@ -27,12 +27,14 @@ import {
   reject,
   tempfail,
   type DefaultAction,
+  type EnvelopeAddress,
   type MessageContext,
   type Milter,
   type MilterTimeouts,
   type SessionContext,
 } from '../lib/index.js';
 import { defaultResolver, isNotFound, normalizeDomain, reverseName, withTimeout, type DnsResolver } from './dns.js';
+import { isRoleAddress } from './postmaster.js';
 
 /** One client-IP list, as an object. */
 export interface DnsblZone {
@@ -101,6 +103,12 @@ export interface DnsblOptions {
   readonly clientAddress?: (ctx: SessionContext) => string | undefined;
   /** Sessions not checked at all (no lookup verdict, no score, no header). Default: authenticated ones. */
   readonly exempt?: (ctx: MessageContext) => boolean;
+  /**
+   * Recipients a listed client is still allowed to reach (no verdict at their RCPT; the
+   * score is kept). Default: the role addresses, bare `Postmaster` and `postmaster@`/`abuse@`
+   * (RFC 5321 4.5.1, RFC 2142: a blocked sender must be able to complain). `() => false`: none.
+   */
+  readonly exemptRecipient?: (rcpt: EnvelopeAddress, ctx: MessageContext) => boolean;
   /** The reject's reply code (Postfix: rbl_code / postscreen_dnsbl_action). Default 554. */
   readonly rejectCode?: number;
   readonly defaultAction?: DefaultAction;
@@ -260,6 +268,8 @@ export function dnsbl(options: DnsblOptions = {}): Milter {
   const rejectCode = options.rejectCode ?? 554;
   if (!(rejectCode >= 500 && rejectCode <= 599)) bad('rejectCode must be a 5xx code');
   const exempt = options.exempt ?? ((ctx: MessageContext) => ctx.auth !== undefined);
+  const exemptRecipient = options.exemptRecipient ?? ((rcpt: EnvelopeAddress) => isRoleAddress(rcpt.address));
+  if (typeof exemptRecipient !== 'function') bad('exemptRecipient must be a function');
   const clientAddress = options.clientAddress ?? ((ctx: SessionContext) => (ctx.client.family === 'ipv4' || ctx.client.family === 'ipv6' ? ctx.client.address : undefined));
   let resolver = options.resolver;
 
@@ -386,10 +396,11 @@ export function dnsbl(options: DnsblOptions = {}): Milter {
       });
     },
 
-    async rcpt(ctx) {
+    async rcpt(ctx, rcpt) {
       if (exempt(ctx)) return;
       const list = await outcomes(ctx);
       score(ctx, list);
+      if (exemptRecipient(rcpt, ctx)) return;
       let total = 0;
       let best: Outcome | undefined;
       for (const o of list) {

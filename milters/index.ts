@@ -27,3 +27,5 @@ export { masquerade } from './masquerade.js';
 export type { MasqueradeOptions, MasqueradeMilter } from './masquerade.js';
 export { verifyWithMaps, expandAddress, splitExtension, ExpansionError } from './address-maps.js';
 export type { AddressMapMilter, ExpansionLimits, Extension, Lookup, Target } from './address-maps.js';
+export { postmaster, isRoleAddress, isRoleRecipient, ROLE_NAMES } from './postmaster.js';
+export type { PostmasterOptions, PostmasterMilter } from './postmaster.js';

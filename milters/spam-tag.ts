@@ -21,6 +21,7 @@
  */
 import libmime from 'libmime';
 import { defineMilter, quarantine, reject, DovetailError, ErrorCodes, type EomContext, type HeaderField, type Milter } from '../lib/index.js';
+import { isRoleRecipient } from './postmaster.js';
 
 /** Remote filters whose score headers spamTag can read. */
 export type RemoteScoreHeader = 'rspamd' | 'spamassassin';
@@ -41,6 +42,12 @@ export interface SpamTagOptions {
    * means both. Default: none. See the header comment on trusting these headers.
    */
   readonly remoteHeaders?: boolean | readonly RemoteScoreHeader[];
+  /**
+   * A message whose recipients are all role addresses (bare `Postmaster`, `postmaster@`,
+   * `abuse@`: RFC 5321 4.5.1, RFC 2142) is tagged, never rejected at `rejectScore`, so a
+   * complaint about spam reaches someone. Default true.
+   */
+  readonly neverRejectRoleRecipients?: boolean;
   /** The text of the reject reply. Default `Message rejected as spam`. */
   readonly rejectText?: string;
 }
@@ -146,6 +153,7 @@ export function spamTag(options: SpamTagOptions = {}): Milter {
   const rejectText = options.rejectText ?? 'Message rejected as spam';
   // Build it once, so a bad text fails at start-up.
   const rejection = reject(550, '5.7.1', rejectText);
+  const protectRoles = options.neverRejectRoleRecipients ?? true;
 
   return defineMilter({
     name: 'spam-tag',
@@ -157,7 +165,7 @@ export function spamTag(options: SpamTagOptions = {}): Milter {
       score = Math.round(score * 1000) / 1000;
       const reasons = [...ctx.score.entries.map((e) => e.reason), ...remote.map((r) => r.reason)];
 
-      if (options.rejectScore !== undefined && score >= options.rejectScore) return rejection;
+      if (options.rejectScore !== undefined && score >= options.rejectScore && !(protectRoles && ctx.envelope.recipients.every((r) => isRoleRecipient(r)))) return rejection;
 
       const spam = score >= required;
       // Remove every copy already there (sent by the client, or by a filter we just read), last first.
