@@ -98,6 +98,7 @@ export { smtp, DEFAULT_SMTP_TIMEOUTS } from './delivery/smtp.js';
 export type { SmtpOptions, SmtpTimeouts, SmtpTlsOptions, SmtpTransport } from './delivery/smtp.js';
 export { routes } from './delivery/routes.js';
 export { canonicalDomain, domainSet } from './delivery/domains.js';
+export { networkList } from './networks.js';
 export type { RouteTable, RoutingTransport } from './delivery/routes.js';
 export { parseRelayhost, resolveNextHop } from './delivery/nexthop.js';
 export type { MxResolver, NextHop, NextHopHost, Destination } from './delivery/nexthop.js';

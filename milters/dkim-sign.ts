@@ -23,12 +23,11 @@
  * that From (senderLogin checks the envelope sender only; a `signingDomain` policy can).
  */
 import crypto, { type KeyObject } from 'node:crypto';
-import net from 'node:net';
 import type { Readable } from 'node:stream';
-import { Address4, Address6 } from 'ip-address';
 import {
   canonicalDomain,
   defineMilter,
+  networkList,
   DovetailError,
   ErrorCodes,
   type DefaultAction,
@@ -155,35 +154,11 @@ function prepareKey(k: DkimSignKey, i: number): PreparedKey {
 /** A membership test for `mynetworks` (IPv4-mapped IPv6 clients match IPv4 networks), as relayControl's. */
 function networkMatcher(list: readonly string[]): (ip: string) => boolean {
   if (!Array.isArray(list)) bad('mynetworks must be an array');
-  const v4: Address4[] = [];
-  const v6: Address6[] = [];
-  for (const entry of list) {
-    if (typeof entry !== 'string') bad('mynetworks entries must be strings');
-    const s = entry.trim().replace(/^\[([^\]]+)\](\/\d+)?$/, '$1$2');
-    let ok = false;
-    try {
-      if (Address4.isValid(s)) ok = v4.push(new Address4(s)) > 0;
-      else if (Address6.isValid(s)) ok = v6.push(new Address6(s)) > 0;
-    } catch {
-      ok = false;
-    }
-    if (!ok) bad(`mynetworks: ${JSON.stringify(entry)} is not an IP address or CIDR block`);
+  try {
+    return networkList(list);
+  } catch (err) {
+    return bad(`mynetworks: ${(err as Error).message}`);
   }
-  if (v4.length === 0 && v6.length === 0) return () => false;
-  return (ip) => {
-    let a4: Address4 | undefined;
-    let a6: Address6 | undefined;
-    if (net.isIPv4(ip)) {
-      a4 = new Address4(ip);
-      a6 = Address6.fromAddress4(ip);
-    } else if (net.isIPv6(ip)) {
-      a6 = new Address6(ip.replace(/%.*$/, ''));
-      if (a6.is4()) a4 = a6.to4();
-    } else {
-      return false;
-    }
-    return (a4 !== undefined && v4.some((n) => a4.isInSubnet(n))) || v6.some((n) => a6.isInSubnet(n));
-  };
 }
 
 /**

@@ -24,7 +24,7 @@
  */
 import net from 'node:net';
 import { Address4, Address6 } from 'ip-address';
-import { canonicalDomain, defineMilter, domainSet, reject, DovetailError, ErrorCodes, type EnvelopeAddress, type MessageContext, type Milter } from '../lib/index.js';
+import { canonicalDomain, defineMilter, domainSet, networkList, reject, DovetailError, ErrorCodes, type EnvelopeAddress, type MessageContext, type Milter } from '../lib/index.js';
 
 export { canonicalDomain };
 
@@ -101,34 +101,11 @@ function canonicalIp(ip: string): string | undefined {
 }
 
 function networkMatcher(list: readonly string[] | undefined): (ip: string) => boolean {
-  const v4: Address4[] = [];
-  const v6: Address6[] = [];
-  for (const entry of list ?? []) {
-    if (typeof entry !== 'string') bad('mynetworks entries must be strings');
-    const s = entry.trim().replace(/^\[([^\]]+)\](\/\d+)?$/, '$1$2'); // Postfix writes [::1]/128
-    try {
-      if (Address4.isValid(s)) v4.push(new Address4(s));
-      else if (Address6.isValid(s)) v6.push(new Address6(s));
-      else bad(`mynetworks: ${JSON.stringify(entry)} is not an IP address or CIDR block`);
-    } catch (err) {
-      if (err instanceof DovetailError) throw err;
-      bad(`mynetworks: ${JSON.stringify(entry)} is not an IP address or CIDR block`);
-    }
+  try {
+    return networkList(list ?? []);
+  } catch (err) {
+    return bad(`mynetworks: ${(err as Error).message}`);
   }
-  return (ip) => {
-    let a4: Address4 | undefined;
-    let a6: Address6 | undefined;
-    if (net.isIPv4(ip)) {
-      a4 = new Address4(ip);
-      a6 = Address6.fromAddress4(ip);
-    } else if (net.isIPv6(ip)) {
-      a6 = new Address6(ip.replace(/%.*$/, ''));
-      if (a6.is4()) a4 = a6.to4();
-    } else {
-      return false;
-    }
-    return (a4 !== undefined && v4.some((n) => a4.isInSubnet(n))) || v6.some((n) => a6.isInSubnet(n));
-  };
 }
 
 /** Splits at the last `@` outside a quoted string; the local part is returned dequoted. */

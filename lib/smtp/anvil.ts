@@ -13,9 +13,8 @@
  * job), or look at anything but the address (no per-network aggregation: give the network
  * as the key if you want one — `key`).
  */
-import net from 'node:net';
-import { Address4, Address6 } from 'ip-address';
 import { DovetailError, ErrorCodes } from '../errors.js';
+import { networkList } from '../networks.js';
 
 /** Why a connection was refused. */
 export type AnvilRefusal = 'count' | 'rate';
@@ -40,33 +39,6 @@ export interface ClientLimitOptions {
   readonly clock?: () => number;
 }
 
-/** An exemption list as a test of one address (IPv4-mapped IPv6 matches the IPv4 entries). */
-function matcher(list: readonly string[]): (address: string) => boolean {
-  const v4: Address4[] = [];
-  const v6: Address6[] = [];
-  for (const entry of list) {
-    try {
-      if (Address4.isValid(entry)) v4.push(new Address4(entry));
-      else if (Address6.isValid(entry)) v6.push(new Address6(entry));
-      else throw new Error('bad');
-    } catch {
-      throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `clientLimits.exempt: ${JSON.stringify(entry)} is not an IP address or CIDR block`);
-    }
-  }
-  return (address) => {
-    if (net.isIPv4(address)) {
-      const a = new Address4(address);
-      return v4.some((n) => a.isInSubnet(n));
-    }
-    if (net.isIPv6(address)) {
-      const a = new Address6(address.replace(/%.*$/, ''));
-      if (a.is4() && v4.some((n) => a.to4().isInSubnet(n))) return true;
-      return v6.some((n) => a.isInSubnet(n));
-    }
-    return false;
-  };
-}
-
 /** Counters kept in this process. */
 export function memoryAnvil(options: ClientLimitOptions = {}): Anvil {
   const positive = (name: string, v: unknown, min: number): void => {
@@ -81,7 +53,12 @@ export function memoryAnvil(options: ClientLimitOptions = {}): Anvil {
   const rate = options.connectionRate ?? 0;
   const window = options.window ?? 60_000;
   const clock = options.clock ?? Date.now;
-  const exempt = matcher(options.exempt ?? []);
+  let exempt: (address: string) => boolean;
+  try {
+    exempt = networkList(options.exempt ?? []);
+  } catch (err) {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `clientLimits.exempt: ${(err as Error).message}`);
+  }
   /** Per client: connections open now, and the start times of the current rate window's connections. */
   const clients = new Map<string, { open: number; windowStart: number; count: number }>();
 
