@@ -22,7 +22,7 @@ import {
   type SmtpReply,
   type Verdict,
 } from './verdict.js';
-import { EditRecorder, type MessageState } from './message.js';
+import { EditRecorder, type EditLimits, type MessageState } from './message.js';
 import type {
   AuthInfo,
   ClientInfo,
@@ -64,6 +64,12 @@ export interface ChainOptions {
   readonly timeouts?: MilterTimeouts;
   /** Where replacement bodies are spooled. */
   readonly spool?: SpoolOptions;
+  /**
+   * What one milter's end-of-message edits may do: the limits that bind the client bind the
+   * milters too (a remote filter must not grow a message past them). An edit past a limit
+   * makes that milter fail (its default action). Default: no limits (the gateway sets them).
+   */
+  readonly editLimits?: EditLimits;
 }
 
 /** What a stage came to, for the gateway to turn into an SMTP reply. */
@@ -445,12 +451,14 @@ export class MessageRun {
       }
     }
     if (m.eom) {
-      const rec = new EditRecorder();
+      const rec = new EditRecorder(s.chain.options.editLimits ?? {}, state);
       const v = await s.invoke(m, 'eom', this, (base) => m.eom?.(this.eomContext(base, state, headers, rec)));
       if (!v.failed && (v.type === 'continue' || v.type === 'accept' || v.type === 'quarantine')) {
         if (v.type === 'quarantine') rec.quarantine(v.reason);
         try {
-          await state.apply(rec.edits, s.chain.options.spool ?? {}, m.name);
+          const max = s.chain.options.editLimits?.maxMessageBytes;
+          await state.apply(rec.edits, s.chain.options.spool ?? {}, m.name, max);
+          if (max !== undefined && state.size > max) throw new DovetailError(ErrorCodes.INVALID_EDIT, `the edits made the message larger than ${max} bytes`);
         } catch (err) {
           // An edit that cannot be applied (a replacement body stream that fails) is the milter failing.
           const failed = await s.invoke(m, 'eom', this, () => Promise.reject(err));

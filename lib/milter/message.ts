@@ -165,7 +165,7 @@ export class MessageState {
   }
 
   /** Applies one milter's edits, in the order it made them; `origin` names that milter on the headers it writes. */
-  async apply(edits: readonly MessageEdit[], spoolOptions: SpoolOptions, origin?: string): Promise<void> {
+  async apply(edits: readonly MessageEdit[], spoolOptions: SpoolOptions, origin?: string, maxMessageBytes?: number): Promise<void> {
     const bodies: (Buffer | Readable)[] = [];
     const header = (name: string, value: string): StoredHeader => {
       const h = formatHeader(name, value);
@@ -223,6 +223,10 @@ export class MessageState {
         const source = Buffer.isBuffer(part) ? Readable.from([part]) : part;
         await pipeline(source, crlfNormalizer(), async (chunks: AsyncIterable<Buffer>) => {
           for await (const chunk of chunks) {
+            // A replacement body stops at the size limit: it is never spooled past it.
+            if (maxMessageBytes !== undefined && spool.size + chunk.length > maxMessageBytes) {
+              throw new DovetailError(ErrorCodes.INVALID_EDIT, `the replacement body would make the message larger than ${maxMessageBytes} bytes`);
+            }
             if (!spool.write(chunk)) await once(spool, 'drain');
           }
         });
@@ -262,32 +266,74 @@ export function crlfNormalizer(): Transform {
   });
 }
 
+/** What one milter's end-of-message edits may do (see ChainOptions.editLimits). */
+export interface EditLimits {
+  /** The header block (all fields) may not grow past this many bytes (the gateway's maxHeaderBytes). */
+  readonly maxHeaderBytes?: number;
+  /** The message may not grow past this many bytes (the gateway's size limit). */
+  readonly maxMessageBytes?: number;
+  /** Recipients the envelope may have after the edits (the gateway's maxRecipients). */
+  readonly maxRecipients?: number;
+  /** Edits one milter may make at one end of message. Default: no limit (the gateway sets 1000). */
+  readonly maxEdits?: number;
+}
+
 /**
  * Records the edits one milter makes in its eom handler; validates each when it is made,
- * so a malformed edit throws in the milter (and its default action applies).
+ * so a malformed edit, or one past the limits, throws in the milter (and its default
+ * action applies) before anything is held for it: a filter that sends 10,000 header edits
+ * of 60 KB costs at most the header limit, not 600 MB.
  */
 export class EditRecorder {
   readonly edits: MessageEdit[] = [];
+  private readonly maxEdits: number;
+  /** Header bytes the message would have with the edits so far (counted up only: deletions free nothing here). */
+  private headerBytes: number;
+  private recipients: number;
+
+  constructor(
+    private readonly limits: EditLimits = {},
+    state?: { readonly headers: readonly StoredHeader[]; readonly recipients: readonly EnvelopeAddress[] },
+  ) {
+    this.maxEdits = limits.maxEdits ?? Infinity;
+    this.headerBytes = 0;
+    for (const h of state?.headers ?? []) this.headerBytes += h.raw.length;
+    this.recipients = state?.recipients.length ?? 0;
+  }
+
+  private count(): void {
+    if (this.edits.length >= this.maxEdits) throw new DovetailError(ErrorCodes.INVALID_EDIT, `more than ${this.maxEdits} edits at one end of message`);
+  }
+
+  private grow(h: StoredHeader): void {
+    this.headerBytes += h.raw.length;
+    const max = this.limits.maxHeaderBytes;
+    if (max !== undefined && this.headerBytes > max) throw new DovetailError(ErrorCodes.INVALID_EDIT, `header edits would make the header block larger than ${max} bytes`);
+  }
 
   addHeader(name: string, value: string): void {
-    formatHeader(name, value);
+    this.count();
+    this.grow(formatHeader(name, value));
     this.edits.push({ op: 'addHeader', name, value });
   }
   insertHeader(position: number, name: string, value: string): void {
+    this.count();
     checkIndex('insertHeader position', position);
-    formatHeader(name, value);
+    this.grow(formatHeader(name, value));
     this.edits.push({ op: 'insertHeader', position, name, value });
   }
   changeHeader(name: string, index: number, value: string): void {
+    this.count();
     checkIndex('changeHeader index', index);
     if (value === '') checkHeaderName(name);
-    else formatHeader(name, value);
+    else this.grow(formatHeader(name, value));
     this.edits.push({ op: 'changeHeader', name, index, value });
   }
   deleteHeader(name: string, index: number): void {
     this.changeHeader(name, index, '');
   }
   replaceBody(body: string | Buffer | Readable): void {
+    this.count();
     let data: Buffer | Readable;
     if (typeof body === 'string') data = Buffer.from(body, 'utf8');
     else if (Buffer.isBuffer(body) || body instanceof Readable) data = body;
@@ -295,12 +341,18 @@ export class EditRecorder {
     this.edits.push({ op: 'replaceBody', data });
   }
   changeSender(address: string, args?: string): void {
+    this.count();
     this.edits.push({ op: 'changeSender', address: checkAddress(address, true), args: parseEsmtpArgs(args) });
   }
   addRecipient(address: string, args?: string): void {
+    this.count();
+    const max = this.limits.maxRecipients;
+    if (max !== undefined && ++this.recipients > max) throw new DovetailError(ErrorCodes.INVALID_EDIT, `recipient edits would give the message more than ${max} recipients`);
     this.edits.push({ op: 'addRecipient', address: checkAddress(address, false), args: parseEsmtpArgs(args) });
   }
   removeRecipient(address: string): void {
+    this.count();
+    this.recipients--;
     this.edits.push({ op: 'removeRecipient', address: checkAddress(address, false) });
   }
   quarantine(reason: string): void {

@@ -37,6 +37,7 @@ import { channels } from '../diagnostics.js';
 import { ChainSession, MilterChain, type MessageRun, type SessionFacts, type StageOutcome } from '../milter/chain.js';
 import { formatHeader, MessageState, spoolBody, type StoredHeader } from '../milter/message.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
+import type { Milter } from '../milter/types.js';
 import { maildir } from '../delivery/maildir.js';
 import { isRouting } from '../delivery/routes.js';
 import { handoff } from '../handoff/handoff.js';
@@ -92,11 +93,20 @@ export function createGateway(options: GatewayOptions): Gateway {
     ...(options.milterTimeouts ? { timeouts: options.milterTimeouts } : {}),
     ...(options.spool ? { spool: options.spool } : {}),
   };
-  const defaultChain = new MilterChain(options.milters ?? [], chainOptions);
+  const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
+  /** The size limit of a chain: the gateway's, lowered by its milters' limits. */
+  const sizeLimitOf = (milters: readonly Milter[]): number => Math.min(options.maxMessageBytes ?? 50 * 1024 * 1024, ...milters.map((m) => m.limits?.maxMessageBytes ?? Infinity));
+  /** A chain whose milters' edits are bound by the limits that bind the client. */
+  const chainFor = (milters: readonly Milter[]): MilterChain =>
+    new MilterChain(milters, {
+      ...chainOptions,
+      editLimits: { maxHeaderBytes, maxMessageBytes: sizeLimitOf(milters), maxRecipients: options.maxRecipients ?? 1000, maxEdits: options.maxMilterEdits ?? 1000 },
+    });
+  const defaultChain = chainFor(options.milters ?? []);
   /** Each listener's profile: its chain, and the size limit its chain's milters allow. */
   const listeners: Listener[] = listenSpecs.map((spec) => {
-    const chain = spec.milters === undefined ? defaultChain : new MilterChain(spec.milters, chainOptions);
-    const maxMessageBytes = Math.min(options.maxMessageBytes ?? 50 * 1024 * 1024, ...chain.milters.map((m) => m.limits?.maxMessageBytes ?? Infinity));
+    const chain = spec.milters === undefined ? defaultChain : chainFor(spec.milters);
+    const maxMessageBytes = sizeLimitOf(chain.milters);
     return {
       spec,
       name: spec.name ?? 'dovetail',
@@ -106,7 +116,6 @@ export function createGateway(options: GatewayOptions): Gateway {
       tooLarge: smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`),
     };
   });
-  const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
   const maxHops = options.maxHops ?? 50;
   const DEFAULT_QUARANTINE_ROOT = path.resolve('var/quarantine');
   const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT, deliveredTo: false });

@@ -99,6 +99,12 @@ export interface GatewayOptions {
    * loop; Postfix: hopcount_limit). Default 50.
    */
   readonly maxHops?: number;
+  /**
+   * Edits one milter may make at one end of message (headers, recipients, body). Past it,
+   * or past maxHeaderBytes / the size limit / maxRecipients through its edits, the milter
+   * fails (its default action: 451 by default). Default 1000.
+   */
+  readonly maxMilterEdits?: number;
   /** Recipients per message (Postfix: smtpd_recipient_limit). Default 1000. */
   readonly maxRecipients?: number;
   /**
@@ -163,6 +169,7 @@ export function validateOptions(options: GatewayOptions, listen: readonly Listen
   positive('maxHeaderBytes', options.maxHeaderBytes);
   positive('maxRecipients', options.maxRecipients);
   positive('maxHops', options.maxHops);
+  positive('maxMilterEdits', options.maxMilterEdits);
   if (options.delivery && mayRouteOutbound(options.delivery) && !options.queue) {
     bad(`delivery ${options.delivery.name} routes recipients to an outbound transport: createGateway needs a queue (createQueue({ dir, transport }))`);
   }

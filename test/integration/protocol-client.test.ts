@@ -399,3 +399,38 @@ test('replies: REPLYCODE multi-line with %%, DISCARD ignored at connect, SHUTDOW
   assert.equal(parseReplyCode('550 4.1.1 x'), undefined);
   assert.deepEqual(parseReplyCode('550 no enhanced code'), { code: 550, enhanced: '5.7.1', lines: ['no enhanced code'] });
 });
+
+test('a remote filter cannot grow a message past the limits that bind the client: header bytes, edit count, body size (451, nothing stored)', async () => {
+  // Regression (hardening issue): 10,000 add-header edits of 60 KB were accepted and stored
+  // as a 600 MB message. Each case is sent in full by the filter; the gateway stops at its limit.
+  const cases: { name: string; send: (c: FakeConn) => void }[] = [
+    { name: 'header bytes', send: (c) => { for (let i = 0; i < 40; i++) c.reply({ type: 'addHeader', name: 'X-Flood', value: 'h'.repeat(60_000) }); } },
+    { name: 'edit count', send: (c) => { for (let i = 0; i < 1500; i++) c.reply({ type: 'addHeader', name: 'X-Many', value: String(i) }); } },
+    { name: 'body size', send: (c) => { for (let i = 0; i < 5; i++) c.reply({ type: 'replaceBody', chunk: Buffer.alloc(60_000, 0x61) }); } },
+  ];
+  for (const k of cases) {
+    const fake = await fakeFilter({
+      on: (cmd, c) => {
+        if (cmd.type !== 'bodyEob') return false;
+        k.send(c);
+        c.reply({ type: 'continue' });
+        return true;
+      },
+    });
+    const gw = await startGateway({
+      maxHeaderBytes: 256 * 1024,
+      maxMessageBytes: 200 * 1024,
+      milters: [connectMilter(`inet:127.0.0.1:${fake.port}`, { name: 'fake' })],
+    });
+    try {
+      const c = await ehlo(gw.port);
+      const r = await send(c, 'a@sender.test', ['bob@example.test'], message(k.name));
+      assert.equal(r.data?.code, 451, `${k.name}: the milter failed, its default action (tempfail) answers`);
+      assert.equal((await stored(gw.root, 'bob@example.test')).length, 0, `${k.name}: nothing stored`);
+      c.end();
+    } finally {
+      await gw.close();
+      await fake.close();
+    }
+  }
+});
