@@ -93,7 +93,8 @@ export function createGateway(options: GatewayOptions): Gateway {
     ...(options.milterTimeouts ? { timeouts: options.milterTimeouts } : {}),
     ...(options.spool ? { spool: options.spool } : {}),
   };
-  const maxHeaderBytes = options.maxHeaderBytes ?? 1024 * 1024;
+  const maxHeaderBytes = options.maxHeaderBytes ?? 102_400;
+  const lineTooLong = smtpReply(554, '5.6.0', `Error: message has a line longer than ${options.maxLineBytes ?? 102_400} bytes`);
   /** The size limit of a chain: the gateway's, lowered by its milters' limits. */
   const sizeLimitOf = (milters: readonly Milter[]): number => Math.min(options.maxMessageBytes ?? 50 * 1024 * 1024, ...milters.map((m) => m.limits?.maxMessageBytes ?? Infinity));
   /** A chain whose milters' edits are bound by the limits that bind the client. */
@@ -250,6 +251,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       maxBytes: gs.listener.maxMessageBytes,
       maxHeaderBytes,
       bareLineEndings: options.bareLineEndings ?? 'reject',
+      maxLineBytes: options.maxLineBytes ?? 102_400,
       ...(options.spool ? { spool: options.spool } : {}),
     });
     let state: MessageState | undefined;
@@ -259,7 +261,9 @@ export function createGateway(options: GatewayOptions): Gateway {
       const problem: IngestProblem | undefined = got.problem;
       if (problem) {
         await run.abort();
-        throw replyError(problem === 'too-large' ? gs.listener.tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : REPLIES.bareLineEnding);
+        throw replyError(
+          problem === 'too-large' ? gs.listener.tooLarge : problem === 'header-too-large' ? REPLIES.headerTooLarge : problem === 'line-too-long' ? lineTooLong : REPLIES.bareLineEnding,
+        );
       }
       if (dataReply) {
         await run.abort();

@@ -23,6 +23,8 @@ export interface IngestOptions {
   maxHeaderBytes: number;
   /** What a bare CR or LF does: make the message a problem, or be rewritten to CRLF. */
   bareLineEndings: 'reject' | 'normalize';
+  /** The longest line (without its CRLF) a message may hold, in bytes. Default: no limit. */
+  maxLineBytes?: number;
   /** Where and when the message moves to disk. */
   spool?: SpoolOptions;
 }
@@ -39,8 +41,9 @@ export interface ParsedHeader extends HeaderField {
  * - `too-large`: more than `maxBytes` bytes arrived.
  * - `bare-line-ending`: a CR not followed by LF, or a LF not preceded by CR (`reject` mode).
  * - `header-too-large`: the header block does not end within `maxHeaderBytes`.
+ * - `line-too-long`: a line (without its CRLF) longer than `maxLineBytes`.
  */
-export type IngestProblem = 'too-large' | 'bare-line-ending' | 'header-too-large';
+export type IngestProblem = 'too-large' | 'bare-line-ending' | 'header-too-large' | 'line-too-long';
 
 /** What {@link ingest} found. */
 export interface IngestResult {
@@ -328,11 +331,15 @@ class Ingester {
   kept = 0;
   problem: IngestProblem | undefined;
   readonly #maxBytes: number;
+  readonly #maxLine: number;
+  /** Bytes of the current line kept so far (its CR included once seen). */
+  #line = 0;
   readonly #endings: LineEndings;
   readonly #header: HeaderBlock;
 
   constructor(options: IngestOptions) {
     this.#maxBytes = options.maxBytes;
+    this.#maxLine = options.maxLineBytes ?? Infinity;
     this.#endings = new LineEndings(options.bareLineEndings === 'normalize');
     this.#header = new HeaderBlock(options.maxHeaderBytes);
   }
@@ -365,6 +372,25 @@ class Ingester {
       if (cut >= 0) {
         piece = piece.subarray(0, cut);
         this.problem = 'header-too-large';
+      }
+    }
+    if (this.problem === undefined && this.#maxLine !== Infinity) {
+      // Line lengths from the LF positions (native indexOf): the CR before each LF is in the
+      // count, so a line is too long when more than maxLine + 1 bytes come before its LF.
+      let from = 0;
+      for (let lf = piece.indexOf(LF); ; lf = piece.indexOf(LF, from)) {
+        const len = this.#line + (lf === -1 ? piece.length : lf) - from;
+        if (len > this.#maxLine + 1) {
+          piece = piece.subarray(0, Math.max(0, from + this.#maxLine + 1 - this.#line));
+          this.problem = 'line-too-long';
+          break;
+        }
+        if (lf === -1) {
+          this.#line = len;
+          break;
+        }
+        this.#line = 0;
+        from = lf + 1;
       }
     }
     if (this.problem === undefined && tooLarge) this.problem = 'too-large';

@@ -92,8 +92,14 @@ export interface GatewayOptions {
    * (sizeLimit) lowers it.
    */
   readonly maxMessageBytes?: number;
-  /** The largest header block kept in memory. Default 1 MiB. */
+  /** The largest header block (with its empty line): larger gets 552 5.3.4. Default 102 400 (Postfix header_size_limit). */
   readonly maxHeaderBytes?: number;
+  /**
+   * The longest line (without CRLF) in a message: longer gets `554 5.6.0` at the end of DATA
+   * (Postfix splits such lines at line_length_limit instead; we refuse rather than change the
+   * message). Default 102 400.
+   */
+  readonly maxLineBytes?: number;
   /**
    * A message with more `Received:` headers than this is refused with `554 5.4.6` (a mail
    * loop; Postfix: hopcount_limit). Default 50.
@@ -167,6 +173,7 @@ export function validateOptions(options: GatewayOptions, listen: readonly Listen
   };
   positive('maxMessageBytes', options.maxMessageBytes);
   positive('maxHeaderBytes', options.maxHeaderBytes);
+  positive('maxLineBytes', options.maxLineBytes);
   positive('maxRecipients', options.maxRecipients);
   positive('maxHops', options.maxHops);
   positive('maxMilterEdits', options.maxMilterEdits);

@@ -360,3 +360,22 @@ test('graceful close: a transaction in flight finishes with 250, then idle clien
     await gw.close().catch(() => undefined);
   }
 });
+
+test('long lines: a 1,000,008-byte header line gets 552 5.3.4, a 102,401-byte body line 554 5.6.0, a 102,400-byte one passes (defaults)', async () => {
+  // Regression (hardening issue): both were stored as they came.
+  const gw = await startGateway({});
+  try {
+    const c = await ehlo(gw.port);
+    const header = await send(c, 'a@sender.test', ['bob@example.test'], `X-Long: ${'h'.repeat(1_000_000)}\r\n` + message('long header'));
+    assert.match(header.data!.text, /^552 5\.3\.4 Error: message header too big/);
+    const body = await send(c, 'a@sender.test', ['bob@example.test'], message('long body', 'b'.repeat(102_401) + '\r\n'));
+    assert.equal(body.data!.text, '554 5.6.0 Error: message has a line longer than 102400 bytes');
+    const ok = await send(c, 'a@sender.test', ['bob@example.test'], message('just fits', 'b'.repeat(102_400) + '\r\nshort\r\n'));
+    assert.equal(ok.data?.code, 250);
+    const [m] = await stored(gw.root, 'bob@example.test');
+    assert.equal(split(m!).body.toString(), 'b'.repeat(102_400) + '\r\nshort\r\n');
+    c.end();
+  } finally {
+    await gw.close();
+  }
+});

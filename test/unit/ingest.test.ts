@@ -425,3 +425,18 @@ describe('ingest: chunking does not change the result', () => {
     assert.equal(results[0]!.headers[0]!.raw, latin1('Subject: Grüße\r\n'));
   });
 });
+
+describe('ingest: line length', () => {
+  it('a line of maxLineBytes passes and one byte more is line-too-long, at every split offset', async () => {
+    const max = 20;
+    const fits = Buffer.from(`Subject: x\r\n\r\n${'a'.repeat(max)}\r\nshort\r\n${'b'.repeat(max)}`, 'latin1');
+    const over = Buffer.from(`Subject: x\r\n\r\nok\r\n${'c'.repeat(max + 1)}\r\nafter\r\n`, 'latin1');
+    for (let cut = 0; cut <= over.length; cut++) {
+      const a = await run([fits.subarray(0, Math.min(cut, fits.length)), fits.subarray(Math.min(cut, fits.length))], { maxLineBytes: max });
+      assert.equal(a.problem, undefined, `fits, cut at ${cut}`);
+      assert.equal(a.content, fits.toString('latin1'));
+      const b = await run([over.subarray(0, cut), over.subarray(cut)], { maxLineBytes: max });
+      assert.equal(b.problem, 'line-too-long', `over, cut at ${cut}`);
+    }
+  });
+});
