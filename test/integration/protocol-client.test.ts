@@ -239,6 +239,30 @@ test('the filter closes between messages: a new connection replays CONNECT and H
   }
 });
 
+test('PROGRESS forever does not hold the message: after 4 content timeouts the filter fails (tempfail)', async () => {
+  // Regression (hardening issue): progress every second kept a 5 s timeout alive for 51 s.
+  const timers: NodeJS.Timeout[] = [];
+  const fake = await fakeFilter({
+    on: (cmd, c) => {
+      if (cmd.type !== 'bodyEob') return false;
+      timers.push(setInterval(() => c.reply({ type: 'progress' }), 50));
+      return true;
+    },
+  });
+  try {
+    await withGateway(fake, { contentTimeout: 200 }, async (gw) => {
+      const c = await ehlo(gw.port);
+      const r = await send(c, 'a@sender.test', ['bob@example.test'], message());
+      assert.equal(r.data?.code, 451, 'the default action, though the filter never stopped sending progress');
+      assert.equal((await stored(gw.root, 'bob@example.test')).length, 0);
+      c.end();
+    });
+  } finally {
+    for (const t of timers) clearInterval(t);
+    await fake.close();
+  }
+});
+
 test('PROGRESS keeps a slow end of message alive past the content timeout; edits applied', async () => {
   const fake = await fakeFilter({
     on: (cmd, c) => {

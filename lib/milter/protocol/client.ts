@@ -131,6 +131,8 @@ const QUEUE_HIGH_WATER = 256 * 1024;
 const DEFAULT_MAX_REPLBODY = 64 * 1024 * 1024;
 /** Modification actions accepted in one end of message. */
 const MAX_EDITS = 100_000;
+/** One decision may take at most this many command/content timeouts, progress replies or not. */
+const PROGRESS_CAP = 4;
 
 type Kind = 'command' | 'content';
 
@@ -523,8 +525,15 @@ export function connectMilter(spec: string, options: ConnectMilterOptions = {}):
       });
       eom.message.replaceBody(sp.createReadStream(0, sp.size));
     };
+    // SMFIR_PROGRESS restarts the timeout, but not for ever: the whole decision must come
+    // within PROGRESS_CAP timeouts (a filter sending progress every second must not hold
+    // the message, and a connection slot, indefinitely).
+    const timeout = timeoutOf(ev.kind);
+    const deadline = Date.now() + PROGRESS_CAP * timeout;
     for (;;) {
-      const frame = await conn.next(timeoutOf(ev.kind));
+      const left = deadline - Date.now();
+      if (left <= 0) throw milterError(ErrorCodes.MILTER_TIMEOUT, `filter sent progress but no decision within ${PROGRESS_CAP} × ${timeout} ms`);
+      const frame = await conn.next(Math.min(timeout, left));
       const r: MilterReply = decodeReply(frame);
       if (r.type !== 'replaceBody') await finishBody();
       switch (r.type) {
