@@ -677,3 +677,68 @@ test('close() answers the command in flight, then closes; idle connections close
   assert.ok(Date.now() - started >= 200, 'close waited for the command in flight');
   await assert.rejects(Mta.connect(server.port));
 });
+
+test('a body or end of message before MAIL is a protocol error (the eom handler never runs); with SMFIP_NOMAIL it is a message', async () => {
+  // Regression (hardening issue): the server ran end-of-message for a body that had no MAIL.
+  const eoms: string[] = [];
+  const withMail = await serve(defineMilter({ name: 'm', async mail() {}, async eom(ctx) { eoms.push(ctx.envelope.sender.address); } }));
+  const noMail = await serve(defineMilter({ name: 'n', async eom(ctx) { eoms.push(`nomail:${ctx.envelope.sender.address}`); } }));
+  try {
+    const mta = await Mta.connect(withMail.port);
+    await mta.optneg();
+    mta.send({ type: 'body', chunk: Buffer.from('smuggled\r\n') }, { type: 'bodyEob', chunk: Buffer.alloc(0) });
+    await mta.waitClosed(3000).catch(() => assert.fail('connection not closed'));
+    assert.deepEqual(eoms, [], 'no end of message without MAIL');
+
+    // The same milter, a proper message: eom runs.
+    const ok = await Mta.connect(withMail.port);
+    await ok.optneg();
+    ok.send({ type: 'mail', address: '<a@sender.test>', args: [] });
+    assert.deepEqual(await ok.next(), { type: 'continue' });
+    ok.send({ type: 'bodyEob', chunk: Buffer.alloc(0) });
+    assert.equal((await ok.untilFinal()).at(-1)?.type, 'continue');
+    assert.deepEqual(eoms, ['a@sender.test']);
+    ok.send({ type: 'quit' });
+
+    // A milter without a mail handler negotiates NOMAIL: the MTA never sends MAIL, eom is fine.
+    const nm = await Mta.connect(noMail.port);
+    const neg = await nm.optneg();
+    assert.ok((neg.protocol & SMFIP.NOMAIL) !== 0);
+    nm.send({ type: 'macro', stage: 'M', macros: [{ name: '{mail_addr}', value: 'b@sender.test' }] }, { type: 'bodyEob', chunk: Buffer.alloc(0) });
+    assert.equal((await nm.untilFinal()).at(-1)?.type, 'continue');
+    assert.deepEqual(eoms, ['a@sender.test', 'nomail:b@sender.test']);
+    nm.send({ type: 'quit' });
+  } finally {
+    await withMail.close();
+    await noMail.close();
+  }
+});
+
+test('a served milter holds at most 50 MiB of a message by default (552 5.3.4 beyond)', async () => {
+  const server = await serve(defineMilter({ name: 'big', async mail() {}, async body() {}, async eom() {} }));
+  try {
+    const mta = await Mta.connect(server.port);
+    await mta.optneg();
+    mta.send({ type: 'mail', address: '<a@sender.test>', args: [] });
+    await mta.next();
+    const chunk = Buffer.alloc(60_000, 0x61);
+    const n = Math.ceil((50 * 1024 * 1024) / chunk.length) + 1;
+    // Body chunks one at a time, as an MTA does (each waits for its reply); the first
+    // answer that is not `continue` is the refusal.
+    let refusal: MilterReply | undefined;
+    for (let i = 0; i < n && !refusal; i++) {
+      mta.send({ type: 'body', chunk });
+      const r = await mta.next(20_000);
+      if (r.type !== 'continue') refusal = r;
+    }
+    if (!refusal) {
+      mta.send({ type: 'bodyEob', chunk: Buffer.alloc(0) });
+      refusal = (await mta.untilFinal(20_000)).at(-1);
+    }
+    assert.equal(refusal?.type, 'replyCode');
+    assert.match((refusal as { reply: string }).reply, /^552 5\.3\.4 /);
+    mta.send({ type: 'quit' });
+  } finally {
+    await server.close();
+  }
+});

@@ -126,7 +126,7 @@ export interface ServeMilterOptions extends NegotiationOptions {
   readonly maxConnections?: number;
   /** Header bytes kept per message; beyond it the message is refused (552 5.3.4). Default 1 MiB. */
   readonly maxHeaderBytes?: number;
-  /** Message bytes (headers + body) accepted; beyond it the message is refused (552 5.3.4). Default `milter.limits.maxMessageBytes`, else none. */
+  /** Message bytes (headers + body) accepted; beyond it the message is refused (552 5.3.4). Default `milter.limits.maxMessageBytes`, else 50 MiB. */
   readonly maxMessageBytes?: number;
   /** Where the body of a message is spooled for the eom handler. */
   readonly spool?: SpoolOptions;
@@ -150,6 +150,8 @@ export interface MilterServer {
 
 type Resolved = Awaited<ReturnType<ChainSession['invoke']>>;
 
+/** The message size a served milter holds at most unless told otherwise (the gateway's default too). */
+const DEFAULT_MAX_MESSAGE_BYTES = 50 * 1024 * 1024;
 const DEFAULT_READ_TIMEOUT = 7_210_000;
 const QUEUE_HIGH_WATER = 64;
 const TOO_BIG_HEADER = smtpReply(552, '5.3.4', 'Error: message header too big');
@@ -311,7 +313,7 @@ class MilterConnection {
     private readonly onGone: () => void,
   ) {
     this.milter = server.milter;
-    this.maxMessageBytes = server.options.maxMessageBytes ?? server.milter.limits?.maxMessageBytes ?? Infinity;
+    this.maxMessageBytes = server.options.maxMessageBytes ?? server.milter.limits?.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     this.newSession();
     socket.setNoDelay(true);
     socket.setTimeout(server.options.readTimeout ?? DEFAULT_READ_TIMEOUT);
@@ -583,21 +585,21 @@ class MilterConnection {
         return;
       }
       case 'rcpt': {
-        const msg = this.msg ?? (await this.openMessage(this.senderFromMacros()));
+        const msg = await this.messageFor('RCPT');
         const rcpt = envelopeAddress(cmd.address, cmd.args);
         const v = await this.messageStage('rcpt', msg, (m, ctx) => m.rcpt?.(ctx, rcpt));
         if (v === undefined || v.type === 'continue' || v.type === 'accept') this.addRecipient(msg, rcpt);
         return;
       }
       case 'data': {
-        const msg = this.msg ?? (await this.openMessage(this.senderFromMacros()));
+        const msg = await this.messageFor('DATA');
         await this.messageStage('data', msg, (m, ctx) => m.data?.(ctx));
         return;
       }
       case 'header':
         return this.onHeader(cmd.name, cmd.value);
       case 'eoh': {
-        const msg = this.msg ?? (await this.openMessage(this.senderFromMacros()));
+        const msg = await this.messageFor('EOH');
         await this.messageStage('eoh', msg, (m, ctx) => m.eoh?.(ctx as ContentContext));
         return;
       }
@@ -635,6 +637,17 @@ class MilterConnection {
     if (stage === SMFIC.RCPT && (this.neg?.protocol ?? 0) & SMFIP.NORCPT && this.msg && this.macros['{rcpt_addr}']) {
       this.addRecipient(this.msg, { address: stripBrackets(this.macros['{rcpt_addr}']), args: {} });
     }
+  }
+
+  /**
+   * The message a command belongs to. A message starts with MAIL (the command, or its
+   * macros); a content command before any is a protocol error — unless the MTA was told not
+   * to send MAIL (SMFIP_NOMAIL), when the message starts implicitly.
+   */
+  private async messageFor(command: string): Promise<MessageInProgress> {
+    if (this.msg) return this.msg;
+    if (((this.neg?.protocol ?? 0) & SMFIP.NOMAIL) === 0) throw new MilterProtocolError(`${command} before MAIL`);
+    return this.openMessage(this.senderFromMacros());
   }
 
   private senderFromMacros(): EnvelopeAddress {
@@ -803,7 +816,7 @@ class MilterConnection {
   }
 
   private async onHeader(name: string, sent: string): Promise<void> {
-    const msg = this.msg ?? (await this.openMessage(this.senderFromMacros()));
+    const msg = await this.messageFor('HEADER');
     const leadspc = ((this.neg?.protocol ?? 0) & SMFIP.HDR_LEADSPC) !== 0;
     const wire = sent.replace(/\r?\n/g, '\r\n');
     // Without SMFIP_HDR_LEADSPC the MTA has already removed one leading space; with it, the
@@ -835,13 +848,13 @@ class MilterConnection {
   }
 
   private async onBody(chunk: Buffer): Promise<void> {
-    const msg = this.msg ?? (await this.openMessage(this.senderFromMacros()));
+    const msg = await this.messageFor('BODY');
     await this.store(msg, chunk);
     await this.messageStage('body', msg, (m, ctx) => m.body?.(ctx as ContentContext, chunk));
   }
 
   private async onEom(chunk: Buffer): Promise<void> {
-    const msg = this.msg ?? (await this.openMessage(this.senderFromMacros()));
+    const msg = await this.messageFor('BODYEOB');
     try {
       if (chunk.length > 0) {
         // libmilter hands data on BODYEOB to the body handler first; only the eom reply is sent.
