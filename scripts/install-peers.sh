@@ -5,10 +5,11 @@
 # Needs root or password-less sudo to install; says what to run otherwise.
 set -euo pipefail
 
-# The peers: Postfix (drives serveMilter), Dovecot LMTP (a real mailstore), miltertest and
+# The peers: Postfix (drives serveMilter), Dovecot LMTP (a real mailstore) with Pigeonhole Sieve
+# (dovecot-sieve: examples/mail-server.ts files spam into Junk with it), miltertest and
 # python3-milter (libmilter), opendkim and rspamd (real milters for connectMilter), openssl (test
 # certificates), swaks and unbound (handy for manual checks; see shared/PEERS.md).
-APT_PACKAGES="openssl swaks postfix dovecot-core dovecot-lmtpd miltertest python3-milter opendkim opendkim-tools rspamd unbound"
+APT_PACKAGES="openssl swaks postfix dovecot-core dovecot-lmtpd dovecot-sieve miltertest python3-milter opendkim opendkim-tools rspamd unbound"
 
 missing=()
 for pkg in ${APT_PACKAGES}; do

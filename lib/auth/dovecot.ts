@@ -55,8 +55,9 @@ export interface DovecotAuthOptions {
   readonly port?: number;
   /**
    * Time allowed for one authentication, ms, connecting and handshake included. Default
-   * 10 000. Mind Dovecot's own delays: auth_failure_delay (2 s by default) and its per-IP
-   * penalty (up to 15 s) slow down failures and the requests after them.
+   * 30 000: longer than Dovecot's own delays (auth_failure_delay, 2 s by default, and its
+   * per-IP penalty, up to 15 s), so a guesser that Dovecot slows down still gets its `535`
+   * (and counts towards the gateway's maxAuthFailures) rather than a `454`.
    */
   readonly timeout?: number;
   /** The service name Dovecot sees (`%s`, passdb `protocol` blocks). Default `smtp`. */
@@ -75,7 +76,7 @@ export type DovecotAuthenticator = ((request: AuthRequest) => Promise<boolean>) 
 };
 
 /** Default time for one authentication, ms. */
-export const DEFAULT_DOVECOT_AUTH_TIMEOUT = 10_000;
+export const DEFAULT_DOVECOT_AUTH_TIMEOUT = 30_000;
 
 /** The code of the errors an authentication rejects with. */
 const AUTH_UNAVAILABLE = ErrorCodes.AUTH_UNAVAILABLE;

@@ -16,6 +16,9 @@ import type { SMTPServerSession } from 'smtp-server';
 import { ExactConnection, markedReply } from '../smtp-server/exact-replies.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 
+/** AUTH on a listener that has none. */
+export const AUTH_NOT_ENABLED = smtpReply(503, '5.5.1', 'Error: authentication not enabled');
+
 /** RFC 4954 section 6: AUTH over a connection without TLS. */
 export const AUTH_NEEDS_TLS = smtpReply(538, '5.7.11', 'Encryption required for requested authentication mechanism');
 
@@ -43,6 +46,8 @@ export class GatewayConnection extends ExactConnection {
 
   /** True unless allowInsecureAuth: AUTH exists only once the connection is encrypted. */
   authNeedsTls = true;
+  /** False on a listener without AUTH (no authenticate, or `auth: false`). */
+  authEnabled = true;
 
   /** smtp-server advertises and dispatches AUTH on plain text when STARTTLS is not offered; we never do unless allowed. */
   override _isSupported(command: string): boolean {
@@ -82,6 +87,12 @@ export class GatewayConnection extends ExactConnection {
   private handle(command: Buffer, callback?: () => void): void {
     const line = (command ?? '').toString();
     const name = line.split(' ', 1)[0]?.toUpperCase() ?? '';
+    if (name === 'AUTH' && !this.authEnabled && !this._nextHandler && this._ready && !this._upgrading) {
+      // Postfix's reply with smtpd_sasl_auth_enable = no.
+      this.send(503, markedReply(AUTH_NOT_ENABLED));
+      callback?.();
+      return;
+    }
     if (name === 'AUTH' && this.authNeedsTls && !this.secure && !this._nextHandler && this._ready && !this._upgrading) {
       this.send(538, markedReply(AUTH_NEEDS_TLS));
       callback?.();

@@ -332,10 +332,15 @@ export function createGateway(options: GatewayOptions): Gateway {
   const servers: SMTPServer[] = [];
 
   class GatewayServer extends SMTPServer {
+    constructor(readonly listener: Listener) {
+      super(smtpOptions(listener));
+    }
+
     override connect(socket: net.Socket | tls.TLSSocket, socketOptions: unknown): void {
       // Same as SMTPServer.connect, with our connection class.
       const connection = new GatewayConnection(this, socket, socketOptions as ConnectionOptions);
       connection.authNeedsTls = !insecureAuth;
+      connection.authEnabled = options.authenticate !== undefined && this.listener.spec.auth !== false;
       connection.errorLimits = errorLimits;
       connection.tooManyErrors = `4.7.0 ${hostname} Error: too many errors`;
       connection.onUnknown = async (session, command) => {
@@ -370,7 +375,7 @@ export function createGateway(options: GatewayOptions): Gateway {
     const tlsMode = options.tls ? (listener.spec.tls ?? 'starttls') : 'none';
     const disabled = [];
     if (tlsMode !== 'starttls') disabled.push('STARTTLS');
-    if (!options.authenticate) disabled.push('AUTH');
+    if (!options.authenticate || listener.spec.auth === false) disabled.push('AUTH');
     return {
       name: hostname,
       ...(options.banner ? { banner: options.banner } : {}),
@@ -446,7 +451,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       const bound: { host: string; port: number }[] = [];
       for (const listener of listeners) {
         const spec = listener.spec;
-        const server = new GatewayServer(smtpOptions(listener));
+        const server = new GatewayServer(listener);
         server.on('error', (err: Error) => channels.error.publish({ error: err }));
         servers.push(server);
         await new Promise<void>((resolve, reject) => {

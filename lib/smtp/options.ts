@@ -35,6 +35,11 @@ export interface ListenOptions {
    * Authenticated users may relay (relayControl's permitAuthenticated).
    */
   readonly submission?: boolean;
+  /**
+   * Offer AUTH on this listener (when the gateway has `authenticate`). Default true; false
+   * is Postfix's `-o smtpd_sasl_auth_enable=no` (port 25 of a server whose users submit on 587).
+   */
+  readonly auth?: boolean;
   /** This listener's milter chain (Postfix's `-o smtpd_milters=` in master.cf). Default: the gateway's `milters`. */
   readonly milters?: readonly Milter[];
 }
@@ -206,7 +211,7 @@ export function validateOptions(options: GatewayOptions, listen: readonly Listen
     if (l.name !== undefined && !/^[\x21-\x7e]{1,64}$/.test(l.name)) bad(`${where}: name must be 1-64 printable ASCII characters`);
     if (l.milters !== undefined && !Array.isArray(l.milters)) bad(`${where}: milters must be an array`);
     if (l.submission) {
-      if (!options.authenticate) bad(`${where}: a submission listener needs authenticate`);
+      if (!options.authenticate || l.auth === false) bad(`${where}: a submission listener needs authenticate (and auth not false)`);
       const encrypted = l.tls === 'implicit' || (l.tls !== 'none' && !!options.tls);
       if (!encrypted && !options.allowInsecureAuth) bad(`${where}: a submission listener needs TLS (the gateway's tls, and tls 'starttls' or 'implicit') so that AUTH can be offered`);
     }

@@ -11,6 +11,7 @@ import nodemailer from 'nodemailer';
 import { createGateway, defineMilter, isDovetailError, maildir, reject, type GatewayOptions } from '../../lib/index.js';
 import { relayControl } from '../../milters/index.js';
 import { selfSignedCert } from '../helpers/tls.js';
+import { TlsRawClient } from '../helpers/smtp-tls.js';
 import { ehlo, message, send, startGateway, stored } from '../helpers/smtp.js';
 
 const cert = selfSignedCert('mail.example.test');
@@ -93,6 +94,19 @@ test("a listener with tls 'none' never offers AUTH (538), though the gateway has
     assert.ok(!e.lines.some((l) => /STARTTLS|AUTH/.test(l)), e.text);
     assert.match((await c.cmd('AUTH LOGIN')).text, /^538 5\.7\.11 /);
     c.end();
+  } finally {
+    await gw.close();
+  }
+});
+
+test("a listener with auth: false never offers AUTH, even after STARTTLS (503 5.5.1), as Postfix's smtpd_sasl_auth_enable = no", async () => {
+  const gw = await startGateway({ tls: cert, authenticate, listen: [{ host: '127.0.0.1', port: 0, auth: false }] });
+  try {
+    const { client } = await TlsRawClient.ehlo(gw.port);
+    const e = await client.starttls();
+    assert.ok(!e.lines.some((l) => /AUTH/.test(l)), `no AUTH after STARTTLS either: ${e.text}`);
+    assert.equal((await client.cmd('AUTH PLAIN AGFsaWNlAHB3')).text, '503 5.5.1 Error: authentication not enabled');
+    client.close();
   } finally {
     await gw.close();
   }
