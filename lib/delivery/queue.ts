@@ -686,7 +686,10 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
       }
     });
     next.nextAttempt = now + backoff(next.attempts);
-    await writeEnvelope(next);
+    // An entry this attempt finished (nothing pending, nothing to report) is removed next, so
+    // its state is not written first: a crash in between repeats the delivery (at least
+    // once, as anywhere else), and the common outbound case saves an fsynced file per message.
+    if (pending(next) > 0 || needsReport(next, now)) await writeEnvelope(next);
     entry.stored = next;
     queueChannels.attempt.publish({
       queueId: s.id,
