@@ -742,3 +742,33 @@ test('a served milter holds at most 50 MiB of a message by default (552 5.3.4 be
     await server.close();
   }
 });
+
+test('connections parked inside a frame are dropped after frameTimeout, so they cannot lock the MTA out', async () => {
+  // Regression (hardening issue): 1,000 connections parked inside a frame held every slot.
+  const server = await serve(defineMilter({ name: 'p', async helo() {} }), { maxConnections: 50, frameTimeout: 300 });
+  const parked: net.Socket[] = [];
+  let closed = 0;
+  try {
+    for (let i = 0; i < 50; i++) {
+      const s = net.connect(server.port, '127.0.0.1');
+      s.on('error', () => undefined);
+      s.once('close', () => closed++);
+      await new Promise<void>((resolve) => s.once('connect', () => resolve()));
+      s.write(Buffer.from([0, 0, 0, 20, 0x4f])); // a 20-byte OPTNEG frame, never finished
+      parked.push(s);
+    }
+    // All 50 are dropped by the server once their frame has been pending for frameTimeout.
+    const deadline = Date.now() + 10_000;
+    while (closed < 50 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(closed, 50, 'every parked connection was closed by the server');
+    // And the MTA gets served.
+    const ok = await Mta.connect(server.port);
+    await ok.optneg();
+    ok.send({ type: 'helo', hostname: 'fine' });
+    assert.deepEqual(await ok.next(), { type: 'continue' });
+    ok.send({ type: 'quit' });
+  } finally {
+    for (const s of parked) s.destroy();
+    await server.close();
+  }
+});

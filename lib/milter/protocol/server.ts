@@ -124,6 +124,11 @@ export interface ServeMilterOptions extends NegotiationOptions {
   readonly readTimeout?: number;
   /** Concurrent MTA connections. Default 1000. */
   readonly maxConnections?: number;
+  /**
+   * A frame begun must be complete within this time, ms, or the connection is dropped (a
+   * peer parked inside a frame would otherwise hold a slot for readTimeout). Default 10 000.
+   */
+  readonly frameTimeout?: number;
   /** Header bytes kept per message; beyond it the message is refused (552 5.3.4). Default 1 MiB. */
   readonly maxHeaderBytes?: number;
   /** Message bytes (headers + body) accepted; beyond it the message is refused (552 5.3.4). Default `milter.limits.maxMessageBytes`, else 50 MiB. */
@@ -152,6 +157,7 @@ type Resolved = Awaited<ReturnType<ChainSession['invoke']>>;
 
 /** The message size a served milter holds at most unless told otherwise (the gateway's default too). */
 const DEFAULT_MAX_MESSAGE_BYTES = 50 * 1024 * 1024;
+const DEFAULT_FRAME_TIMEOUT = 10_000;
 const DEFAULT_READ_TIMEOUT = 7_210_000;
 const QUEUE_HIGH_WATER = 64;
 const TOO_BIG_HEADER = smtpReply(552, '5.3.4', 'Error: message header too big');
@@ -283,6 +289,8 @@ interface ServerContext {
 /** One MTA connection: the protocol engine. */
 class MilterConnection {
   private readonly decoder = new FrameDecoder();
+  /** Runs while a frame is partly received (frameTimeout). */
+  private frameTimer: NodeJS.Timeout | undefined;
   private readonly queue: Frame[] = [];
   private busy = false;
   /** No more commands are processed (QUIT, a fatal error, the socket closed, close()). */
@@ -334,6 +342,7 @@ class MilterConnection {
     });
     socket.on('error', (err) => this.report(err));
     socket.on('close', () => {
+      clearTimeout(this.frameTimer);
       this.dead = true;
       this.socketClosed = true;
       if (!this.busy) this.gone();
@@ -459,6 +468,15 @@ class MilterConnection {
     }
     for (const f of frames) this.queue.push(f);
     if (this.queue.length >= QUEUE_HIGH_WATER) this.socket.pause();
+    // A frame begun must be finished soon: a peer parked inside a frame holds a connection
+    // slot (and the MTA's other connections out) until the long idle read timeout.
+    clearTimeout(this.frameTimer);
+    this.frameTimer = undefined;
+    if (this.decoder.buffered > 0) {
+      const ms = this.server.options.frameTimeout ?? DEFAULT_FRAME_TIMEOUT;
+      this.frameTimer = setTimeout(() => this.fail(new MilterProtocolError(`a frame begun was not finished within ${ms} ms`)), ms);
+      this.frameTimer.unref();
+    }
     void this.pump();
   }
 
@@ -1059,6 +1077,7 @@ export async function serveMilter(milter: Milter, options: ServeMilterOptions): 
   };
   positive('readTimeout', options.readTimeout);
   positive('maxConnections', options.maxConnections);
+  positive('frameTimeout', options.frameTimeout);
   positive('maxHeaderBytes', options.maxHeaderBytes);
   positive('maxMessageBytes', options.maxMessageBytes);
   positive('progressInterval', options.progressInterval, 0);
