@@ -3,6 +3,7 @@
  * sent it), and a gateway on a free loopback port delivering into a fresh Maildir.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -15,18 +16,32 @@ export interface Reply {
   readonly text: string;
 }
 
-/** A raw SMTP client over a real socket. */
+/** How {@link RawClient.connect} connects. */
+export interface RawConnectOptions {
+  readonly host?: string;
+  /** TLS from the first byte (submissions, port 465); certificates are not verified. */
+  readonly implicitTls?: boolean;
+  /** Connect from this local address (e.g. 127.0.0.9: per-client limits and penalties). */
+  readonly localAddress?: string;
+}
+
+/** A raw SMTP client over a real socket (plain, STARTTLS or implicit TLS). */
 export class RawClient {
   private buf = '';
   private waiters: (() => void)[] = [];
   closed = false;
-  private constructor(readonly socket: net.Socket) {
+  protected constructor(public socket: net.Socket) {
+    this.attach(socket);
+  }
+
+  private attach(socket: net.Socket): void {
     socket.setEncoding('latin1');
     socket.on('data', (d: string) => {
       this.buf += d;
       this.wake();
     });
     socket.on('close', () => {
+      if (socket !== this.socket) return;
       this.closed = true;
       this.wake();
     });
@@ -39,13 +54,26 @@ export class RawClient {
     for (const f of w) f();
   }
 
-  static async connect(port: number, host = '127.0.0.1'): Promise<RawClient> {
-    const socket = net.connect(port, host);
+  /** True once the connection is encrypted. */
+  get encrypted(): boolean {
+    return this.socket instanceof tls.TLSSocket;
+  }
+
+  /** Connects and reads nothing yet (the greeting is the first reply()). */
+  static async connect(port: number, hostOrOptions: string | RawConnectOptions = {}): Promise<RawClient> {
+    return new RawClient(await RawClient.dial(port, hostOrOptions));
+  }
+
+  protected static async dial(port: number, hostOrOptions: string | RawConnectOptions): Promise<net.Socket> {
+    const o: RawConnectOptions = typeof hostOrOptions === 'string' ? { host: hostOrOptions } : hostOrOptions;
+    const host = o.host ?? '127.0.0.1';
+    const local = o.localAddress ? { localAddress: o.localAddress } : {};
+    const socket: net.Socket = o.implicitTls ? tls.connect({ port, host, rejectUnauthorized: false, ...local }) : net.connect({ port, host, ...local });
     await new Promise<void>((resolve, reject) => {
-      socket.once('connect', resolve);
+      socket.once(o.implicitTls ? 'secureConnect' : 'connect', () => resolve());
       socket.once('error', reject);
     });
-    return new RawClient(socket);
+    return socket;
   }
 
   /** Reads one complete reply (multi-line replies end at `ddd `). Rejects after `ms`. */
@@ -99,6 +127,30 @@ export class RawClient {
     return this.reply(ms);
   }
 
+  /** STARTTLS (expects 220), the TLS handshake (certificate not verified), then EHLO again; returns the new EHLO reply. */
+  async starttls(name = 'client.example.test'): Promise<Reply> {
+    const r = await this.cmd('STARTTLS');
+    if (r.code !== 220) throw new Error(`STARTTLS: ${r.text}`);
+    const plain = this.socket;
+    plain.removeAllListeners('data');
+    const secure = tls.connect({ socket: plain, rejectUnauthorized: false });
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', () => resolve());
+      secure.once('error', reject);
+    });
+    this.socket = secure;
+    this.buf = '';
+    this.attach(secure);
+    const ehlo = await this.cmd(`EHLO ${name}`);
+    if (ehlo.code !== 250) throw new Error(`EHLO after STARTTLS: ${ehlo.text}`);
+    return ehlo;
+  }
+
+  /** `AUTH PLAIN <base64(\0user\0password)>` and its reply. */
+  authPlain(user: string, password: string, ms?: number): Promise<Reply> {
+    return this.cmd(`AUTH PLAIN ${Buffer.from(`\0${user}\0${password}`, 'utf8').toString('base64')}`, ms);
+  }
+
   /** Waits until the server closes the connection. */
   async waitClosed(ms = 10_000): Promise<void> {
     const deadline = Date.now() + ms;
@@ -110,6 +162,11 @@ export class RawClient {
 
   end(): void {
     this.socket.end();
+  }
+
+  /** Closes the connection at once (QUIT is not sent). */
+  close(): void {
+    this.socket.destroy();
   }
 }
 
