@@ -17,9 +17,13 @@
  * Delivery is at least once: a crash between a transport's answer and the envelope update
  * repeats that delivery after restart (a duplicate, never a loss).
  *
- * It deliberately does not: route (every retry goes to `transport`, every DSN to `bounce`),
- * rate-limit per destination (Postfix's per-destination concurrency and dead-destination
- * cache), keep a separate "deferred" directory (active/ holds every entry; the due time is
+ * The retry loop keeps the entries on a min-heap by the time each next wants work (its next
+ * attempt, its delay notice, or now), so finding what is due costs O(log n) per event, not a
+ * scan of the whole queue (a backlog of thousands for a dead destination stays cheap).
+ *
+ * It deliberately does not: route (every retry goes to `transport`, every DSN to `bounce`:
+ * give it a routes() table), rate-limit per destination (smtp() has per-destination
+ * concurrency and dead destinations), keep a separate "deferred" directory (active/ holds every entry; the due time is
  * in the envelope), lock the directory against a second process (one queue per directory),
  * or close the transports it was given (their owner does).
  */
@@ -215,6 +219,65 @@ interface Entry {
   stored: StoredEntry;
   flight: Promise<void> | undefined;
   removed: boolean;
+  /** Bumped each time the entry is put on the schedule: older heap items of it are stale. */
+  version?: number;
+}
+
+/** One place on the schedule: look at `entry` at `due` (ms), if `version` is still its latest. */
+interface Slot {
+  readonly due: number;
+  readonly entry: Entry;
+  readonly version: number;
+}
+
+/** A binary min-heap of slots by due time: the retry loop finds the next due entry in O(log n), not by scanning every entry. */
+class DueHeap {
+  private readonly items: Slot[] = [];
+
+  get size(): number {
+    return this.items.length;
+  }
+
+  peek(): Slot | undefined {
+    return this.items[0];
+  }
+
+  push(slot: Slot): void {
+    const a = this.items;
+    a.push(slot);
+    let i = a.length - 1;
+    while (i > 0) {
+      const parent = (i - 1) >> 1;
+      if (a[parent]!.due <= a[i]!.due) break;
+      [a[parent], a[i]] = [a[i]!, a[parent]!];
+      i = parent;
+    }
+  }
+
+  pop(): Slot | undefined {
+    const a = this.items;
+    const top = a[0];
+    const last = a.pop();
+    if (a.length > 0 && last) {
+      a[0] = last;
+      let i = 0;
+      for (;;) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let m = i;
+        if (l < a.length && a[l]!.due < a[m]!.due) m = l;
+        if (r < a.length && a[r]!.due < a[m]!.due) m = r;
+        if (m === i) break;
+        [a[m], a[i]] = [a[i]!, a[m]!];
+        i = m;
+      }
+    }
+    return top;
+  }
+
+  clear(): void {
+    this.items.length = 0;
+  }
 }
 
 const QUEUE_ID = /^[0-9A-Za-z]{1,64}$/;
@@ -450,7 +513,10 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
     }
     if (tmpRemoved + orphansRemoved + corrupt > 0) await syncDir(activeDir);
     loaded.sort((a, b) => a.stored.arrival - b.stored.arrival);
-    for (const e of loaded) entries.set(e.stored.id, e);
+    for (const e of loaded) {
+      entries.set(e.stored.id, e);
+      enqueue(e);
+    }
     queueChannels.loaded.publish({ entries: loaded.length, tmpRemoved, orphansRemoved, corrupt });
   }
 
@@ -515,6 +581,7 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
           await writeNew(stored, content, size);
           const entry: Entry = { stored, flight: undefined, removed: false };
           entries.set(id, entry);
+          enqueue(entry);
           queueChannels.queued.publish({
             queueId: id,
             kind: stored.kind,
@@ -727,6 +794,7 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
       .finally(() => {
         active--;
         if (entry.flight === flight) entry.flight = undefined;
+        if (entries.get(entry.stored.id) === entry) enqueue(entry);
         schedule();
       });
     entry.flight = flight;
@@ -736,13 +804,49 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
   const wantsWork = (e: Entry, now: number): boolean =>
     !e.flight && !e.removed && (pending(e.stored) === 0 || e.stored.nextAttempt <= now || needsReport(e.stored, now));
 
+  /**
+   * When an entry next wants work: at once when it is finished or has a failure or success
+   * to report; otherwise its next attempt, or earlier the time its delay notice falls due
+   * (only while one is still to be sent: an entry past its notice does not come round again).
+   */
+  function dueAt(s: StoredEntry): number {
+    if (pending(s) === 0 || needsReport(s, s.arrival)) return 0;
+    let due = s.nextAttempt;
+    if (delayWarning > 0 && needsReport(s, s.arrival + delayWarning)) due = Math.min(due, s.arrival + delayWarning);
+    return due;
+  }
+
+  /** The retry loop's schedule (a min-heap; an entry's older slots go stale when it is put on again). */
+  const heap = new DueHeap();
+
+  /** Puts an entry (back) on the schedule, after anything that changes when it is due. */
+  function enqueue(e: Entry): void {
+    if (e.removed || e.flight) return;
+    e.version = (e.version ?? 0) + 1;
+    heap.push({ due: dueAt(e.stored), entry: e, version: e.version });
+  }
+
+  /** The first slot that is still an entry's latest (stale ones are dropped on the way). */
+  function nextSlot(): Slot | undefined {
+    for (let top = heap.peek(); top; top = heap.peek()) {
+      const e = top.entry;
+      if (top.version === e.version && !e.removed && !e.flight && entries.get(e.stored.id) === e) return top;
+      heap.pop();
+    }
+    return undefined;
+  }
+
   function tick(): void {
     timer = undefined;
     if (!running) return;
     const now = clock();
-    for (const e of entries.values()) {
-      if (active >= concurrency) break;
+    while (active < concurrency) {
+      const top = nextSlot();
+      if (!top || top.due > now) break;
+      heap.pop();
+      const e = top.entry;
       if (wantsWork(e, now)) void launch(e, false);
+      else enqueue(e); // its state changed since it was put on: look again when it is due
     }
     schedule();
   }
@@ -750,14 +854,10 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
   function schedule(): void {
     if (!running) return;
     if (timer) clearTimeout(timer);
-    const now = clock();
     let wait = scanInterval;
     if (active < concurrency) {
-      for (const e of entries.values()) {
-        if (e.flight || e.removed) continue;
-        wait = Math.min(wait, wantsWork(e, now) ? 0 : e.stored.nextAttempt - now);
-        if (delayWarning > 0) wait = Math.min(wait, Math.max(0, e.stored.arrival + delayWarning - now));
-      }
+      const top = nextSlot();
+      if (top) wait = Math.min(wait, top.due - clock());
     }
     timer = setTimeout(tick, Math.max(0, wait));
   }
@@ -847,6 +947,7 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
     } finally {
       entry.flight = undefined;
       settle();
+      if (entries.get(entry.stored.id) === entry) enqueue(entry);
       schedule();
     }
   }

@@ -747,3 +747,43 @@ test('createQueue checks its options', () => {
 });
 
 export type { DeliveryQueue };
+
+test('delayWarning: once the delay notice is sent, a deferred entry waits for its next attempt (regression: the loop spun at 0 ms for every entry older than delayWarning)', async () => {
+  const base = await tempDir();
+  const mail = path.join(base, 'mail');
+  await fs.mkdir(mail);
+  const store = switchedStore(mail);
+  store.refuse.set('later@example.test', r452);
+  const sink = await smtpSink();
+  let now = Date.UTC(2026, 0, 1);
+  let clockCalls = 0;
+  const queue = createQueue({
+    dir: path.join(base, 'queue'),
+    transport: store.transport,
+    bounce: smtpTransport(sink.port),
+    hostname: 'mx.test',
+    clock: () => (clockCalls++, now),
+    backoff: { min: 3_600_000, max: 3_600_000 },
+    delayWarning: 1000,
+    scanInterval: 60_000,
+  });
+  try {
+    await queue.defer(
+      { queueId: 'SPIN1', sender: { address: 'alice@sender.test', args: {} }, recipients: [{ address: 'later@example.test', args: {} }] },
+      source(message('slow')),
+      [{ recipient: 'later@example.test', status: 'deferred', reply: r452 }],
+    );
+    now += 5000; // past delayWarning; the next attempt is an hour away
+    await queue.start();
+    await waitFor('the delay notice', () => sink.messages.length === 1);
+    // The notice is out: nothing is due for an hour. Count how often the loop looks at the clock now.
+    await new Promise((r) => setTimeout(r, 300));
+    const before = clockCalls;
+    await new Promise((r) => setTimeout(r, 300));
+    assert.ok(clockCalls - before < 20, `the retry loop looked at the clock ${clockCalls - before} times in 300 ms with nothing due`);
+    assert.equal(store.calls.length, 0, 'no attempt before its time');
+  } finally {
+    await queue.close();
+    await sink.close();
+  }
+});
