@@ -49,3 +49,16 @@ export class DovetailError extends Error {
 export function isDovetailError(err: unknown, code?: ErrorCode): err is DovetailError {
   return err instanceof DovetailError && (code === undefined || err.code === code);
 }
+
+/**
+ * True when `err`, or an error in its `cause` chain (a spool failure wraps the fs error),
+ * says the filesystem or the quota is full (ENOSPC, EDQUOT): the gateway answers those
+ * with `452 4.3.1` (RFC 3463 X.3.1, insufficient system storage) instead of `451 4.3.0`.
+ */
+export function isNoStorage(err: unknown): boolean {
+  for (let e = err, depth = 0; e !== null && typeof e === 'object' && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (code === 'ENOSPC' || code === 'EDQUOT') return true;
+  }
+  return false;
+}

@@ -16,7 +16,8 @@
  * recipient ended alike → that reply; anything else (mixed local results, or any outbound
  * recipient) → `250` once the queue has the message and every recipient's state on disk
  * (it retries the deferred ones, delivers the outbound ones, and sends DSNs for the
- * failed); a queue that cannot take it → `451 4.3.0` (the client retries; recipients
+ * failed); a queue that cannot take it → `451 4.3.0`, or `452 4.3.1` when its disk or
+ * quota is full (ENOSPC, EDQUOT) (either way the client retries; recipients
  * already stored may get a duplicate, none is lost). Without a queue, mixed local results
  * get the worst reply for the same reason.
  *
@@ -24,7 +25,7 @@
  * anything itself (the queue does).
  */
 import { channels } from '../diagnostics.js';
-import { DovetailError, ErrorCodes } from '../errors.js';
+import { DovetailError, ErrorCodes, isNoStorage } from '../errors.js';
 import { formatHeader, type MessageState } from '../milter/message.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 import { isRouting } from '../delivery/routes.js';
@@ -49,6 +50,8 @@ export interface HandoffOutcome {
 }
 
 const INTERNAL = smtpReply(451, '4.3.0', 'Error: internal error, try again later');
+/** The queue could not take the message because its filesystem (or quota) is full. */
+const NO_STORAGE = smtpReply(452, '4.3.1', 'Error: insufficient system storage');
 
 /** True when the recipients did not all end alike (so no single SMTP reply tells the truth). */
 export function mixed(results: readonly RecipientResult[]): boolean {
@@ -125,7 +128,8 @@ export async function handoff(sessionId: string, queueId: string, state: Message
   } catch (err) {
     // Not on disk: the client must keep the message and retry (a 5xx here would bounce
     // recipients that were delivered or only deferred).
+    // A full disk or quota is said as such (452 4.3.1); anything else is internal.
     channels.error.publish({ sessionId, queueId, error: err });
-    return { ok: false, reply: INTERNAL, results, queued: false };
+    return { ok: false, reply: isNoStorage(err) ? NO_STORAGE : INTERNAL, results, queued: false };
   }
 }

@@ -32,7 +32,7 @@ import type net from 'node:net';
 import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import { adoptConnection, isReplyError, replyError, type ConnectionOptions } from '../smtp-server/exact-replies.js';
-import { DovetailError, ErrorCodes } from '../errors.js';
+import { DovetailError, ErrorCodes, isNoStorage } from '../errors.js';
 import { channels } from '../diagnostics.js';
 import { ChainSession, MilterChain, type MessageRun, type SessionFacts, type StageOutcome } from '../milter/chain.js';
 import { formatHeader, MessageState, spoolBody, type StoredHeader } from '../milter/message.js';
@@ -59,6 +59,7 @@ const REPLIES = {
   authRequired: smtpReply(530, '5.7.0', 'Authentication required'),
   noRoute: smtpReply(550, '5.1.2', 'Error: recipient address rejected: no route to this domain'),
   internal: smtpReply(451, '4.3.0', 'Error: internal error, try again later'),
+  noStorage: smtpReply(452, '4.3.1', 'Error: insufficient system storage'),
   closing: smtpReply(421, '4.3.2', 'Service shutting down, try again later'),
 } as const;
 
@@ -247,13 +248,24 @@ export function createGateway(options: GatewayOptions): Gateway {
 
   async function receive(gs: GatewaySession, run: MessageRun, stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
     const dataOutcome = run.data();
-    const got = await ingest(stream, {
-      maxBytes: gs.listener.maxMessageBytes,
-      maxHeaderBytes,
-      bareLineEndings: options.bareLineEndings ?? 'reject',
-      maxLineBytes: options.maxLineBytes ?? 102_400,
-      ...(options.spool ? { spool: options.spool } : {}),
-    });
+    let got: Awaited<ReturnType<typeof ingest>>;
+    try {
+      got = await ingest(stream, {
+        maxBytes: gs.listener.maxMessageBytes,
+        maxHeaderBytes,
+        bareLineEndings: options.bareLineEndings ?? 'reject',
+        maxLineBytes: options.maxLineBytes ?? 102_400,
+        ...(options.spool ? { spool: options.spool } : {}),
+      });
+    } catch (err) {
+      // The spool's filesystem (or quota) is full: the message was not kept, say so with
+      // 452 4.3.1 (the client retries later). Any other failure stays internal (451 4.3.0).
+      if (!isNoStorage(err)) throw err;
+      channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, error: err });
+      await dataOutcome.catch(() => undefined);
+      await run.abort();
+      throw replyError(REPLIES.noStorage);
+    }
     let state: MessageState | undefined;
     try {
       // The data stage ran while the message streamed in; settle it before anything else.
