@@ -9,8 +9,12 @@
  * this process (a gateway, or one worker). A shared store (Redis, for several workers or
  * machines) implements the same two calls.
  *
- * It deliberately does not: count messages or recipients per client (a rate-limit milter's
- * job), or look at anything but the address (no per-network aggregation: give the network
+ * Messages are counted too, per time unit, per client address (Postfix
+ * smtpd_client_message_rate_limit) and per authenticated user (whatever its address), both
+ * off by default.
+ *
+ * It deliberately does not: count recipients per client (a rate-limit milter's job), or
+ * look at anything but the address (no per-network aggregation: give the network
  * as the key if you want one — `key`).
  */
 import { DovetailError, ErrorCodes } from '../errors.js';
@@ -23,6 +27,11 @@ export type AnvilRefusal = 'count' | 'rate';
 export interface Anvil {
   /** A new connection from `client`: allowed (and counted), or why not. */
   connect(client: string): { readonly ok: true; readonly release: () => void } | { readonly ok: false; readonly why: AnvilRefusal };
+  /**
+   * A new message (at MAIL FROM) from `client`, or from the authenticated `user` when there
+   * is one: allowed (and counted) or not. Optional: an anvil without it limits no messages.
+   */
+  message?(client: string, user: string | undefined): boolean;
 }
 
 /** Options of {@link memoryAnvil}, and of the gateway's `clientLimits`. */
@@ -31,7 +40,11 @@ export interface ClientLimitOptions {
   readonly maxConnections?: number;
   /** New connections one client address may open per `window`; 0: no limit. Default 0 (Postfix: off). */
   readonly connectionRate?: number;
-  /** The rate's time unit, ms (Postfix anvil_rate_time_unit). Default 60 000. */
+  /** Messages (MAIL FROM) one client address may start per `window`; 0: no limit. Default 0 (Postfix smtpd_client_message_rate_limit: off). */
+  readonly messageRate?: number;
+  /** Messages one authenticated user may start per `window`, whatever its address; 0: no limit. Default 0. */
+  readonly userMessageRate?: number;
+  /** The rates' time unit, ms (Postfix anvil_rate_time_unit). Default 60 000. */
   readonly window?: number;
   /** Client addresses or CIDR blocks the limits do not apply to. Default none. */
   readonly exempt?: readonly string[];
@@ -49,10 +62,16 @@ export function memoryAnvil(options: ClientLimitOptions = {}): Anvil {
   positive('maxConnections', options.maxConnections, 0);
   positive('connectionRate', options.connectionRate, 0);
   positive('window', options.window, 1);
+  positive('messageRate', options.messageRate, 0);
+  positive('userMessageRate', options.userMessageRate, 0);
   const maxConnections = options.maxConnections ?? 50;
   const rate = options.connectionRate ?? 0;
   const window = options.window ?? 60_000;
   const clock = options.clock ?? Date.now;
+  const messageRate = options.messageRate ?? 0;
+  const userMessageRate = options.userMessageRate ?? 0;
+  /** Per client address or `user:<name>`: the start of the current window and the messages in it. */
+  const messages = new Map<string, { windowStart: number; count: number }>();
   let exempt: (address: string) => boolean;
   try {
     exempt = networkList(options.exempt ?? []);
@@ -67,6 +86,18 @@ export function memoryAnvil(options: ClientLimitOptions = {}): Anvil {
   };
 
   return {
+    message(client, user) {
+      const limit = user !== undefined ? userMessageRate : messageRate;
+      if (limit === 0 || (user === undefined && exempt(client))) return true;
+      const key = user !== undefined ? `user:${user.toLowerCase()}` : client;
+      const now = clock();
+      if (messages.size >= 10_000) for (const [k, m] of messages) if (now - m.windowStart >= window) messages.delete(k);
+      let m = messages.get(key);
+      if (!m || now - m.windowStart >= window) messages.set(key, (m = { windowStart: now, count: 0 }));
+      if (m.count >= limit) return false;
+      m.count++;
+      return true;
+    },
     connect(client) {
       if (exempt(client)) return { ok: true, release: () => undefined };
       const now = clock();

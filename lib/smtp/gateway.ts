@@ -183,6 +183,11 @@ export function createGateway(options: GatewayOptions): Gateway {
     // Submission: nothing before AUTH. Checked here, not left to smtp-server, whose own check
     // is skipped on a connection where AUTH is not (yet) available (ours: before TLS).
     if (gs.listener.spec.submission && !session.user) throw replyError(REPLIES.authRequired);
+    const user = session.user ? String(session.user.username ?? session.user) : undefined;
+    if (anvil?.message && !anvil.message(session.remoteAddress, user)) {
+      // Postfix's reply for smtpd_client_message_rate_limit.
+      throw replyError(smtpReply(450, '4.7.1', `Error: too much mail from ${user ?? session.remoteAddress}`));
+    }
     gs.facts.auth = session.user ? { method: String(session.user.method ?? 'PLAIN'), user: String(session.user.username ?? session.user) } : undefined;
     await runHelo(gs, session);
     if (gs.heloRefusal) throw replyError(gs.heloRefusal);

@@ -142,3 +142,33 @@ test('with the defaults, thousands of refused recipients end in a disconnect aft
     await gw.close();
   }
 });
+
+test('message rate per client address and per authenticated user (450 4.7.1 too much mail)', async () => {
+  let now = 5_000_000;
+  const gw = await startGateway({
+    allowInsecureAuth: true,
+    authFailureDelay: 0,
+    authenticate: async (r) => r.password === 'pw',
+    anvil: memoryAnvil({ messageRate: 2, userMessageRate: 3, window: 60_000, clock: () => now }),
+  });
+  try {
+    const c = await ehlo(gw.port);
+    for (let i = 0; i < 2; i++) {
+      assert.equal((await c.cmd('MAIL FROM:<a@client.test>')).code, 250);
+      assert.equal((await c.cmd('RSET')).code, 250);
+    }
+    assert.equal((await c.cmd('MAIL FROM:<a@client.test>')).text, '450 4.7.1 Error: too much mail from 127.0.0.1');
+    // An authenticated user has its own count, wherever it comes from.
+    assert.equal((await c.cmd(`AUTH PLAIN ${Buffer.from('\0alice\0pw').toString('base64')}`)).code, 235);
+    for (let i = 0; i < 3; i++) {
+      assert.equal((await c.cmd('MAIL FROM:<alice@example.test>')).code, 250);
+      assert.equal((await c.cmd('RSET')).code, 250);
+    }
+    assert.equal((await c.cmd('MAIL FROM:<alice@example.test>')).text, '450 4.7.1 Error: too much mail from alice');
+    now += 60_000;
+    assert.equal((await c.cmd('MAIL FROM:<alice@example.test>')).code, 250, 'a new window');
+    c.end();
+  } finally {
+    await gw.close();
+  }
+});
