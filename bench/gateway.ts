@@ -29,7 +29,7 @@ import { parseArgs } from 'node:util';
 import { Worker } from 'node:worker_threads';
 import type { OpenResult, Request, RunResult } from './load.js';
 import { buildMessage, wireData } from './message.js';
-import { concat, percentile, spread, type Spread } from './stats.js';
+import { concat, intArg, percentile, spread, type Spread } from './stats.js';
 import { BASELINE, GATEWAY, TARGETS, startTarget, type Target, type TargetName } from './targets.js';
 
 // ---------------------------------------------------------------- options
@@ -82,14 +82,7 @@ if (args.help) {
   process.exit(0);
 }
 
-function int(name: string, v: string | undefined, min: number): number {
-  const n = Number(v);
-  if (!Number.isSafeInteger(n) || n < min) {
-    process.stderr.write(`--${name} must be an integer >= ${min}\n`);
-    process.exit(64);
-  }
-  return n;
-}
+const int = intArg;
 
 const opts = {
   rounds: int('rounds', args.rounds, 1),

@@ -56,7 +56,7 @@ import { Channels, createGateway, createQueue, QueueChannels, routes, smtp } fro
 import { requireBinary, startPostfix, type Postfix } from '../test/helpers/postfix.js';
 import { freePort, waitForPort } from '../test/helpers/ports.js';
 import { nullTransport } from './null-transport.js';
-import { spread, type Spread } from './stats.js';
+import { intArg, spread, type Spread } from './stats.js';
 
 const SENDER = 'a@example.test';
 const RECIPIENT = 'b@remote.test';
@@ -171,14 +171,7 @@ async function benchMain(): Promise<void> {
     );
     return;
   }
-  const int = (name: string, v: string | undefined, min: number): number => {
-    const n = Number(v);
-    if (!Number.isSafeInteger(n) || n < min) {
-      process.stderr.write(`--${name} must be an integer >= ${min}\n`);
-      process.exit(64);
-    }
-    return n;
-  };
+  const int = intArg;
   const opts = {
     rounds: int('rounds', args.rounds, 1),
     messages: int('messages', args.messages, 1),

@@ -39,3 +39,13 @@ export function concat(parts: readonly Float64Array[]): Float64Array {
   }
   return out;
 }
+
+/** A command-line integer flag `--name` of at least `min`; exits with status 64 (usage) otherwise. */
+export function intArg(name: string, v: string | undefined, min: number): number {
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < min) {
+    process.stderr.write(`--${name} must be an integer >= ${min}\n`);
+    process.exit(64);
+  }
+  return n;
+}
