@@ -17,7 +17,7 @@
  * What it does not do: accept role addresses of domains that are not ours (they are relayed
  * or refused as any address), or rewrite `MAILER-DAEMON` (a sender, not a recipient).
  */
-import { canonicalDomain, defineMilter, DovetailError, ErrorCodes, xtextDecode, type EnvelopeAddress, type EomContext, type Milter } from '../lib/index.js';
+import { canonicalDomain, defineMilter, domainSet, DovetailError, ErrorCodes, xtextDecode, type EnvelopeAddress, type EomContext, type Milter } from '../lib/index.js';
 import { inheritedArgs, splitAddress, withMethods, type AddressMapMilter } from './address-maps.js';
 
 /** The role local parts accepted by default (RFC 5321 4.5.1, RFC 2142). */
@@ -83,14 +83,11 @@ export function postmaster(options: PostmasterOptions): PostmasterMilter {
   if (typeof mailbox !== 'string' || !/^[^@\s<>]+@[^@\s<>]+$/.test(mailbox)) bad('mailbox must be a full address');
   const names = (options.names ?? ROLE_NAMES).map((n) => (typeof n === 'string' && /^[A-Za-z0-9._-]+$/.test(n) ? n.toLowerCase() : bad(`names: ${JSON.stringify(n)} is not a local part`)));
   if (!Array.isArray(options.domains) || options.domains.length === 0) bad('domains must list our domains');
-  const exact = new Set<string>();
-  const parents: string[] = [];
-  for (const entry of options.domains) {
-    const dotted = typeof entry === 'string' && entry.startsWith('.');
-    const d = typeof entry === 'string' ? canonicalDomain(dotted ? entry.slice(1) : entry) : undefined;
-    if (d === undefined) bad(`domains: ${JSON.stringify(entry)} is not a domain`);
-    if (dotted) parents.push('.' + d);
-    else exact.add(d as string);
+  let ours: (canonical: string) => boolean = () => false;
+  try {
+    ours = domainSet(options.domains);
+  } catch (err) {
+    bad(`domains: ${(err as Error).message}`);
   }
   const dsn = options.dsnArguments ?? true;
   if (typeof dsn !== 'boolean') bad('dsnArguments must be a boolean');
@@ -101,7 +98,7 @@ export function postmaster(options: PostmasterOptions): PostmasterMilter {
     if (domain === undefined) return local.toLowerCase() === 'postmaster';
     if (!names.includes(local.toLowerCase())) return false;
     const d = canonicalDomain(domain);
-    return d !== undefined && (exact.has(d) || parents.some((p) => d.endsWith(p)));
+    return d !== undefined && ours(d);
   };
 
   const milter = defineMilter({

@@ -32,6 +32,7 @@ import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 import { createClientPool, DEFAULT_CLIENT_TIMEOUTS, type ClientPool, type ClientTimeouts, type PoolStats, type TlsLevel } from './client.js';
 import { parseRelayhost, resolveNextHop, type Destination, type MxResolver, type NextHopHost } from './nexthop.js';
 import { checkInteger, checkTimeouts } from './options.js';
+import { domainOf } from './domains.js';
 import type { DeliveryEnvelope, MessageSource, RecipientResult, Transport } from './types.js';
 
 /** Time limits per protocol phase, in ms (Postfix's smtp_*_timeout defaults). */
@@ -125,10 +126,6 @@ class Slots {
   }
 }
 
-function domainOf(address: string): string {
-  const at = address.lastIndexOf('@');
-  return (at < 0 ? '' : address.slice(at + 1)).toLowerCase().replace(/\.$/, '');
-}
 
 /** An address literal `[192.0.2.1]` / `[IPv6:2001:db8::1]` as a destination without MX lookup. */
 function literal(domain: string, port: number): Destination | undefined {
@@ -257,7 +254,7 @@ export function smtp(options: SmtpOptions = {}): SmtpTransport {
     // One group per destination, recipients in envelope order within it.
     const groups = new Map<string, { dest: Destination | undefined; indexes: number[] }>();
     envelope.recipients.forEach((r, i) => {
-      const domain = domainOf(r.address);
+      const domain = domainOf(r.address).toLowerCase().replace(/\.$/, '');
       const key = relay ? `relay:${options.relayhost}` : domain;
       let g = groups.get(key);
       if (!g) groups.set(key, (g = { dest: relay ?? literal(domain, port) ?? (domain ? { name: domain, port, mx: true } : undefined), indexes: [] }));

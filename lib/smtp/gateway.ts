@@ -47,7 +47,8 @@ import { GatewayConnection } from './connection.js';
 import { ingest, type IngestProblem } from './ingest.js';
 import { validateOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
 import { newQueueId, receivedValue } from './received.js';
-import { domainOf, MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
+import { MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
+import { domainOf } from '../delivery/domains.js';
 
 export type { AuthRequest, Gateway, GatewayOptions, ListenOptions } from './options.js';
 
@@ -188,7 +189,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       // Postfix's reply for smtpd_client_message_rate_limit.
       throw replyError(smtpReply(450, '4.7.1', `Error: too much mail from ${user ?? session.remoteAddress}`));
     }
-    gs.facts.auth = session.user ? { method: String(session.user.method ?? 'PLAIN'), user: String(session.user.username ?? session.user) } : undefined;
+    gs.facts.auth = session.user && user !== undefined ? { method: String(session.user.method ?? 'PLAIN'), user } : undefined;
     await runHelo(gs, session);
     if (gs.heloRefusal) throw replyError(gs.heloRefusal);
     const sender = toEnvelopeAddress(from);

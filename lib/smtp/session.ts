@@ -34,10 +34,6 @@ export function utf8Protocol(protocol: string, sender: EnvelopeAddress): string 
   return sender.args['SMTPUTF8'] ? protocol.replace(/^E?SMTP/, 'UTF8SMTP') : protocol;
 }
 
-export function domainOf(address: string): string {
-  const at = address.lastIndexOf('@');
-  return at < 0 ? '' : address.slice(at + 1);
-}
 
 /** The negotiated TLS facts of a socket (undefined before the handshake). */
 export function tlsInfo(socket: tls.TLSSocket): TlsInfo | undefined {
