@@ -1,17 +1,21 @@
 // `npm test`: installs/builds (scripts/setup.mjs), then runs every compiled test
-// file dist/test/**/*.test.js with Node's built-in runner, once under the
-// current Node and once under Node 22 (from the npm package `node@22`).
+// file dist/test/**/*.test.js with Node's built-in runner, once under each
+// supported Node: the current one, then 22 and 24 (from the npm packages
+// `node@22` and `node@24`; scripts/nodes.mjs).
 //
-//   npm test                        all test files, current Node then Node 22
+//   npm test                        all test files, current Node then Node 22 and 24
 //   npm test -- maildir smtp        only files whose path contains "maildir" or "smtp"
 //   npm test -- --test-name-pattern=LMTP   args starting with "-" go to `node --test`
 //                                   (use the --flag=value form)
 //
 // Environment:
-//   DOVETAIL_TEST_NODES        which Node majors to run, e.g. "20", "22", "20,22".
-//                              Default: the current Node's major, then 22.
+//   DOVETAIL_TEST_NODES        which Node majors to run, e.g. "20", "22", "20,22,24".
+//                              Default: the current Node's major, then 22 and 24.
 //                              A major equal to the current Node uses it; any
 //                              other is fetched with `npx node@MAJOR`.
+//   DOVETAIL_TEST_RUN          set by this script for the tests: "i/n", the i-th of
+//                              n runs (test/integration/package.test.ts runs the
+//                              installed package on every Node itself, in run 1 only).
 //   DOVETAIL_TEST_CONCURRENCY  test files run in parallel (default: CPU count;
 //                              Node's own default is CPU count - 1, i.e. 1 on 2 cores).
 
@@ -19,9 +23,9 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join, relative, sep } from 'node:path';
+import { currentMajor, requestedMajors, resolveNode as resolveNodeBinary } from './nodes.mjs';
 import { ensureSetup, repoRoot } from './setup.mjs';
 
-const currentMajor = Number(process.versions.node.split('.')[0]);
 if (currentMajor < 20) {
   process.stderr.write(`npm test needs Node >= 20; this is ${process.version}.\n`);
   process.exit(1);
@@ -42,20 +46,6 @@ const args = process.argv.slice(2);
 const nodeArgs = args.filter((a) => a.startsWith('-'));
 const filters = args.filter((a) => !a.startsWith('-'));
 
-function requestedMajors() {
-  const raw = process.env.DOVETAIL_TEST_NODES?.trim();
-  const tokens = raw ? raw.split(/[\s,]+/).filter(Boolean) : [String(currentMajor), '22'];
-  const majors = [];
-  for (const token of tokens) {
-    const major = Number(token.replace(/^v/, ''));
-    if (!Number.isInteger(major) || major < 20) {
-      fail(`DOVETAIL_TEST_NODES: "${token}" is not a Node major version >= 20 (e.g. "20,22").`);
-    }
-    if (!majors.includes(major)) majors.push(major);
-  }
-  return majors;
-}
-
 function concurrency() {
   const raw = process.env.DOVETAIL_TEST_CONCURRENCY?.trim();
   if (!raw) return availableParallelism();
@@ -64,7 +54,12 @@ function concurrency() {
   return n;
 }
 
-const majors = requestedMajors();
+let majors;
+try {
+  majors = requestedMajors();
+} catch (err) {
+  fail(err.message);
+}
 const parallel = concurrency();
 
 // ---- setup, then find the test files --------------------------------------
@@ -122,28 +117,14 @@ log(`${files.length} test file(s)${filters.length ? ` matching ${filters.join(',
 
 /** Resolves a Node binary of the given major once, via the npm package node@MAJOR. */
 function resolveNode(major) {
-  if (major === currentMajor) return { bin: process.execPath, version: process.version };
-  log(`resolving Node ${major} with: npx --prefer-offline -y node@${major}`);
-  // --prefer-offline: with the package already in the npx cache this takes
-  // ~0.5s and needs no network; a plain `npx -y` waits minutes on an
-  // unreachable registry before falling back to the cache.
-  const started = Date.now();
-  const result = spawnSync(
-    'npx',
-    ['--prefer-offline', '-y', `node@${major}`, '-p', 'process.execPath + "\\n" + process.version'],
-    { cwd: tmpdir(), encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], shell: process.platform === 'win32' },
-  );
-  const lines = (result.stdout ?? '').trim().split('\n');
-  const [bin, version] = lines.slice(-2).map((l) => l.trim());
-  if (result.status !== 0 || !bin || !version?.startsWith(`v${major}.`) || !existsSync(bin)) {
-    fail(
-      `could not get Node ${major} from npm (npx node@${major} exited ${result.status}` +
-        `${result.error ? `: ${result.error.message}` : ''}). ` +
-        `Set DOVETAIL_TEST_NODES=${currentMajor} to test with the current Node only.`,
-    );
+  if (major !== currentMajor) log(`resolving Node ${major} with: npx --prefer-offline -y node@${major}`);
+  try {
+    const { bin, version, seconds } = resolveNodeBinary(major);
+    if (major !== currentMajor) log(`Node ${major}: ${bin} (${seconds.toFixed(1)}s to resolve)`);
+    return { bin, version };
+  } catch (err) {
+    fail(`${err.message}. Set DOVETAIL_TEST_NODES=${currentMajor} to test with the current Node only.`);
   }
-  log(`Node ${major}: ${bin} (${((Date.now() - started) / 1000).toFixed(1)}s to resolve)`);
-  return { bin, version };
 }
 
 // Resolve every binary before running anything, so a missing Node fails fast.
@@ -161,7 +142,7 @@ for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
   });
 }
 
-function runOnce({ bin, version }, index) {
+function runOnce({ bin, version }, index, count) {
   const tapFile = join(tapDir, `run-${index}.tap`);
   const argv = [
     '--test',
@@ -181,7 +162,7 @@ function runOnce({ bin, version }, index) {
   );
   const started = Date.now();
   return new Promise((resolvePromise) => {
-    child = spawn(bin, argv, { cwd: repoRoot, stdio: 'inherit' });
+    child = spawn(bin, argv, { cwd: repoRoot, stdio: 'inherit', env: { ...process.env, DOVETAIL_TEST_RUN: `${index + 1}/${count}` } });
     child.on('error', (err) => {
       process.stderr.write(`[test] could not start ${bin}: ${err.message}\n`);
       resolvePromise({ version, code: 1, counts: undefined, seconds: 0 });
@@ -220,7 +201,7 @@ function readCounts(tapFile) {
 const results = [];
 for (const [i, node] of nodes.entries()) {
   if (stopping) break;
-  results.push(await runOnce(node, i));
+  results.push(await runOnce(node, i, nodes.length));
 }
 rmSync(tapDir, { recursive: true, force: true });
 
