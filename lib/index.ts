@@ -9,7 +9,7 @@ export { memoryAnvil } from './smtp/anvil.js';
 export type { Anvil, AnvilRefusal, ClientLimitOptions } from './smtp/anvil.js';
 export { handoff, summarize, mixed, isOutbound } from './handoff/handoff.js';
 export type { HandoffConfig, HandoffOutcome } from './handoff/handoff.js';
-export type { Gateway, GatewayOptions, ListenOptions, AuthRequest } from './smtp/gateway.js';
+export type { Gateway, GatewayOptions, ListenOptions, AuthRequest, CloseOptions } from './smtp/gateway.js';
 
 export { defineMilter, validateMilter } from './milter/define.js';
 export type {
