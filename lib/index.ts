@@ -109,3 +109,7 @@ export { createQueue, QueueChannels } from './delivery/queue.js';
 export type { QueueOptions, DeliveryQueue, QueueEntry, QueuedRecipient } from './delivery/queue.js';
 export { buildDsn, notifyOf, retOf, xtextDecode } from './delivery/dsn.js';
 export type { DsnInput, DsnRecipient, DsnAction, Notify } from './delivery/dsn.js';
+
+// A worker per core (node:cluster): the primary delivers, the workers serve SMTP.
+export { startWorkerPool, workerChannel } from './cluster.js';
+export type { WorkerPool, WorkerPoolOptions, WorkerPoolEvent, WorkerChannel } from './cluster.js';
