@@ -9,7 +9,7 @@ export { memoryAnvil } from './smtp/anvil.js';
 export type { Anvil, AnvilRefusal, ClientLimitOptions } from './smtp/anvil.js';
 export { handoff, summarize, mixed, isOutbound } from './handoff/handoff.js';
 export type { HandoffConfig, HandoffOutcome } from './handoff/handoff.js';
-export type { Gateway, GatewayOptions, ListenOptions, AuthRequest } from './smtp/gateway.js';
+export type { Gateway, GatewayOptions, ListenOptions, AuthRequest, CloseOptions } from './smtp/gateway.js';
 
 export { defineMilter, validateMilter } from './milter/define.js';
 export type {
@@ -109,3 +109,7 @@ export { createQueue, QueueChannels } from './delivery/queue.js';
 export type { QueueOptions, DeliveryQueue, QueueEntry, QueuedRecipient } from './delivery/queue.js';
 export { buildDsn, notifyOf, retOf, xtextDecode } from './delivery/dsn.js';
 export type { DsnInput, DsnRecipient, DsnAction, Notify } from './delivery/dsn.js';
+
+// A worker per core (node:cluster): the primary delivers, the workers serve SMTP.
+export { startWorkerPool, workerChannel } from './cluster.js';
+export type { WorkerPool, WorkerPoolOptions, WorkerPoolEvent, WorkerChannel } from './cluster.js';

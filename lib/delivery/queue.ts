@@ -29,7 +29,7 @@
  */
 import diagnostics_channel from 'node:diagnostics_channel';
 import { createReadStream } from 'node:fs';
-import { link, mkdir, open, readdir, readFile, rename, unlink } from 'node:fs/promises';
+import { link, mkdir, open, readdir, readFile, rename, stat, unlink } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
@@ -103,6 +103,27 @@ export interface QueueOptions {
   readonly scanInterval?: number;
   /** The time now, ms since the epoch. Default Date.now. */
   readonly clock?: () => number;
+  /**
+   * `false` makes a queue that only writes: defer() commits entries (and the DSNs they
+   * need) durably, exactly as a delivering queue does, then hands each one on through
+   * `onCommitted` and forgets it; it never recovers, retries or lists. This is what a
+   * gateway worker runs when one process per core shares a queue directory: only the
+   * delivering queue (in the primary, which {@link DeliveryQueue.adopt}s what workers
+   * commit) delivers, so no entry is ever attempted by two processes. Postfix's smtpd and
+   * qmgr split the same way. Default true.
+   */
+  readonly deliver?: boolean;
+  /** With `deliver: false`: called with each committed entry's queue id (a message or a DSN), once it is complete on disk. */
+  readonly onCommitted?: (queueId: string) => void;
+  /**
+   * A delivering queue looks in the directory this often for entries that another
+   * process committed and that were never {@link DeliveryQueue.adopt}ed (say, its worker
+   * died between the commit and the notice); it takes those older than `adoptAfter`.
+   * Default 60 000; 0 turns the scan off.
+   */
+  readonly adoptScanInterval?: number;
+  /** How old (by its envelope's mtime) another process's entry must be before the scan takes it. Default 30 000. */
+  readonly adoptAfter?: number;
 }
 
 /** One recipient of a queue entry, as list() shows it. */
@@ -165,6 +186,12 @@ export interface DeliveryQueue extends DeferredQueue {
   retryNow(queueId?: string): Promise<number>;
   /** Deletes an entry without any DSN (postsuper -d); false when there is none. */
   remove(queueId: string): Promise<boolean>;
+  /**
+   * Takes on an entry another process committed to this directory (a queue with
+   * `deliver: false` in a worker): reads it and schedules it. Resolves true when it was
+   * taken, false when it is unknown on disk, unreadable or already known.
+   */
+  adopt(queueId: string): Promise<boolean>;
 }
 
 const DEFAULTS = {
@@ -408,6 +435,10 @@ function checkOptions(o: QueueOptions): void {
   ms('bounceSizeLimit', o.bounceSizeLimit, 0);
   ms('concurrency', o.concurrency, 1);
   ms('scanInterval', o.scanInterval, 1);
+  ms('adoptScanInterval', o.adoptScanInterval, 0);
+  ms('adoptAfter', o.adoptAfter, 0);
+  if (o.deliver !== undefined && typeof o.deliver !== 'boolean') bad('deliver must be a boolean');
+  if (o.onCommitted !== undefined && typeof o.onCommitted !== 'function') bad('onCommitted must be a function');
 }
 
 /**
@@ -435,6 +466,11 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
   const concurrency = options.concurrency ?? DEFAULTS.concurrency;
   const scanInterval = options.scanInterval ?? DEFAULTS.scanInterval;
   const clock = options.clock ?? Date.now;
+  const delivers = options.deliver !== false;
+  const onCommitted = options.onCommitted;
+  const adoptScanInterval = options.adoptScanInterval ?? 60_000;
+  const adoptAfter = options.adoptAfter ?? 30_000;
+  let adoptTimer: NodeJS.Timeout | undefined;
 
   const entries = new Map<string, Entry>();
   /** Ids whose files are being written by defer() or a DSN: start()'s recovery leaves them alone. */
@@ -463,7 +499,8 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
 
   function ready(): Promise<void> {
     if (!loading) {
-      const p = load();
+      // A writer never recovers: tmp/ and active/ may hold another process's files in flight.
+      const p = delivers ? load() : makeDirs();
       loading = p;
       p.catch(() => {
         if (loading === p) loading = undefined;
@@ -472,9 +509,13 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
     return loading;
   }
 
-  async function load(): Promise<void> {
+  async function makeDirs(): Promise<void> {
     await mkdir(tmpDir, { recursive: true, mode: 0o700 });
     await mkdir(activeDir, { recursive: true, mode: 0o700 });
+  }
+
+  async function load(): Promise<void> {
+    await makeDirs();
     const owned = (name: string): boolean => writing.has(name.split('.')[0] ?? '');
     // tmp/: half-written files of a crashed process; nothing there was acknowledged.
     let tmpRemoved = 0;
@@ -580,8 +621,10 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
         try {
           await writeNew(stored, content, size);
           const entry: Entry = { stored, flight: undefined, removed: false };
-          entries.set(id, entry);
-          enqueue(entry);
+          if (delivers) {
+            entries.set(id, entry);
+            enqueue(entry);
+          }
           queueChannels.queued.publish({
             queueId: id,
             kind: stored.kind,
@@ -705,6 +748,7 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
         actions: [...new Set(recipients.map((r) => r.action))],
         recipients: recipients.map((r) => r.address),
       });
+      if (!delivers) onCommitted?.(dsnEntry.stored.id);
     }
     await writeEnvelope(next);
     entry.stored = next;
@@ -936,6 +980,9 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
         await dropFiles(entry.stored.id);
         entries.delete(entry.stored.id);
         queueChannels.removed.publish({ queueId: entry.stored.id, reason: 'done' });
+      } else if (!delivers) {
+        // Complete on disk (its DSNs recorded): the delivering queue may take it now.
+        onCommitted?.(entry.stored.id);
       }
     } catch (err) {
       // Not acknowledged: take it back, so the client's retry does not deliver twice.
@@ -956,6 +1003,55 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
     running = false;
     if (timer) clearTimeout(timer);
     timer = undefined;
+    if (adoptTimer) clearTimeout(adoptTimer);
+    adoptTimer = undefined;
+  }
+
+  const writerOnly = (what: string): never => {
+    throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `${what}: this queue was created with deliver: false and only writes; ask the delivering queue`);
+  };
+
+  /** Reads another process's committed entry and schedules it; false when there is none or it is known. */
+  async function adopt(queueId: string): Promise<boolean> {
+    if (!delivers) writerOnly('adopt()');
+    if (closed || !QUEUE_ID.test(queueId)) return false;
+    await ready();
+    if (entries.has(queueId) || writing.has(queueId)) return false;
+    let text: string;
+    try {
+      text = await readFile(envPath(queueId), 'utf8');
+      await stat(msgPath(queueId));
+    } catch {
+      return false; // gone already (delivered and dropped by its writer), or never complete
+    }
+    if (entries.has(queueId)) return false; // adopted meanwhile
+    const stored = parseStored(text, queueId);
+    if (!stored) return false;
+    const entry: Entry = { stored, flight: undefined, removed: false };
+    entries.set(queueId, entry);
+    enqueue(entry);
+    schedule();
+    return true;
+  }
+
+  /** The safety net behind the notices: entries on disk that no one told us about. */
+  async function adoptScan(): Promise<void> {
+    adoptTimer = undefined;
+    if (!running) return;
+    try {
+      const now = Date.now();
+      for (const name of await readdir(activeDir)) {
+        if (!name.endsWith('.json')) continue;
+        const id = name.slice(0, -5);
+        if (entries.has(id) || writing.has(id)) continue;
+        const st = await stat(path.join(activeDir, name)).catch(() => undefined);
+        if (st && now - st.mtimeMs >= adoptAfter) await adopt(id);
+      }
+    } catch (error) {
+      channels.error.publish({ error });
+    } finally {
+      if (running && adoptScanInterval > 0) adoptTimer = setTimeout(() => void adoptScan(), adoptScanInterval).unref();
+    }
   }
 
   return {
@@ -964,9 +1060,12 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
     async start() {
       if (closed) throw new DovetailError(ErrorCodes.DELIVERY_FAILED, 'the queue is closed');
       await ready();
+      if (!delivers) return;
       running = true;
       schedule();
+      if (adoptScanInterval > 0 && !adoptTimer) adoptTimer = setTimeout(() => void adoptScan(), adoptScanInterval).unref();
     },
+    adopt,
     stop,
     async close() {
       closed = true;
@@ -979,10 +1078,12 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
       }
     },
     async list() {
+      if (!delivers) writerOnly('list()');
       await ready();
       return [...entries.values()].filter((e) => !e.removed).map(view);
     },
     async retryNow(queueId?: string) {
+      if (!delivers) writerOnly('retryNow()');
       if (closed) throw new DovetailError(ErrorCodes.DELIVERY_FAILED, 'the queue is closed');
       await ready();
       const targets = queueId === undefined ? [...entries.values()] : [entries.get(queueId)].filter((e): e is Entry => e !== undefined);
@@ -998,6 +1099,7 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
       return attempted;
     },
     async remove(queueId: string) {
+      if (!delivers) writerOnly('remove()');
       await ready();
       const e = entries.get(queueId);
       if (!e) return false;

@@ -45,12 +45,12 @@ import { authHandler } from './auth.js';
 import { memoryAnvil, type Anvil } from './anvil.js';
 import { GatewayConnection } from './connection.js';
 import { ingest, type IngestProblem } from './ingest.js';
-import { validateOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
+import { validateOptions, type CloseOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
 import { newQueueId, receivedValue } from './received.js';
 import { MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
 import { domainOf } from '../delivery/domains.js';
 
-export type { AuthRequest, Gateway, GatewayOptions, ListenOptions } from './options.js';
+export type { AuthRequest, CloseOptions, Gateway, GatewayOptions, ListenOptions } from './options.js';
 
 const REPLIES = {
   headerTooLarge: smtpReply(552, '5.3.4', 'Error: message header too big'),
@@ -485,8 +485,15 @@ export function createGateway(options: GatewayOptions): Gateway {
       addresses = bound;
       return bound;
     },
-    async close() {
+    async close(how: CloseOptions = {}) {
       if (servers.length === 0) return;
+      if ((how.sessions ?? 0) > 0) {
+        // Stop accepting on the net.Server only: smtp-server's close() would answer every
+        // later command 421, and these clients are to finish their sessions as usual.
+        for (const s of servers) s.server.close();
+        const until = Date.now() + how.sessions!;
+        while (Date.now() < until && servers.some((s) => s.connections.size > 0)) await new Promise((r) => setTimeout(r, 50));
+      }
       closing = true;
       const closed = servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
       if (inflight > 0) {

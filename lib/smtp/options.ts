@@ -154,12 +154,24 @@ export interface GatewayOptions {
   readonly banner?: string;
 }
 
+/** Options of {@link Gateway.close}. */
+export interface CloseOptions {
+  /** Wait this long (ms) for the connected clients to end their sessions before the usual close. Default 0. */
+  readonly sessions?: number;
+}
+
 /** A running gateway. */
 export interface Gateway {
   /** Starts listening; resolves with the bound addresses. */
   listen(): Promise<readonly { host: string; port: number }[]>;
-  /** Stops accepting, lets transactions in flight finish, says 421 to idle clients, then resolves. */
-  close(): Promise<void>;
+  /**
+   * Stops accepting, lets transactions in flight finish, says 421 to idle clients, then
+   * resolves. With `sessions`, it first lets every connected client end its session on its
+   * own (QUIT, or its idle timeout), up to that many ms, serving it normally meanwhile,
+   * connections still arriving included: how a worker leaves a pool whose other workers
+   * take the new connections (a rolling restart), so no client sees a 421.
+   */
+  close(options?: CloseOptions): Promise<void>;
   /** The bound addresses (after listen()). */
   readonly addresses: readonly { host: string; port: number }[];
 }
