@@ -10,7 +10,7 @@
  *
  * These override smtp-server's internal methods (`_isSupported`, `_onCommand`,
  * `handler_EHLO`, `handler_HELO`): package.json pins smtp-server's exact version, and
- * test/integration/gateway-hooks.test.ts fails loudly when they change.
+ * test/unit/pinned-internals.test.ts fails loudly when the version or these internals change.
  */
 import type { SMTPServerSession } from 'smtp-server';
 import { ExactConnection, markedReply } from '../smtp-server/exact-replies.js';
