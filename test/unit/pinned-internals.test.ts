@@ -49,7 +49,7 @@ const INTERNALS: Record<keyof typeof PINNED, string> = {
     'lib/smtp-server/exact-replies.ts (deep import smtp-server/lib/smtp-connection.js; subclass SMTPConnection overriding send(); ' +
     'adoptConnection uses server.connections, server._onError, server._onClientConnect, connection.init()), ' +
     'lib/smtp/connection.ts (overrides _isSupported, _onCommand, handler_EHLO, handler_HELO; reads _nextHandler, _ready, _upgrading, _closed, _closing), ' +
-    'lib/smtp/gateway.ts and lib/delivery/lmtp-server.ts (override SMTPServer#connect; lmtp-server close() destroys connection._socket, reads stream.sizeExceeded)',
+    'lib/smtp/gateway.ts and lib/delivery/lmtp-server.ts (override SMTPServer#connect; gateway close({ sessions }) closes SMTPServer#server, the net.Server, and polls connections; lmtp-server close() destroys connection._socket, reads stream.sizeExceeded)',
   mailsplit:
     'lib/smtp/ingest.ts, lib/delivery/maildir.ts, lib/delivery/dsn.ts (deep import mailsplit/lib/headers.js: new Headers(block).getList() / getFirst(); types in lib/types/mailsplit.d.ts)',
 };
@@ -92,6 +92,8 @@ test('the smtp-server internals we override or call exist', async () => {
   }
   const server = new SMTPServer({ logger: false });
   assert.ok((server as unknown as { connections: unknown }).connections instanceof Set, `SMTPServer#connections is not a Set. ${where}`);
+  // gateway.close({ sessions }) stops accepting on the net.Server alone (smtp-server's close() would answer later commands 421).
+  assert.ok((server as unknown as { server: unknown }).server instanceof net.Server, `SMTPServer#server is not a net.Server. ${where}`);
 
   // The private fields of a connection, on a real loopback socket (init() is not called:
   // nothing is sent).
