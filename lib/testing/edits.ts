@@ -154,7 +154,11 @@ export interface EditSummary {
   readonly recipientsRemoved: readonly string[];
   /** The quarantine reason set at eom (`quarantine()` verdict or `ctx.quarantine()`), the last one winning. */
   readonly quarantine: string | undefined;
-  /** Every applied edit, in order, with the milter that made it. */
+  /**
+   * Every applied edit, in order, with the milter that made it. A `replaceBody` edit's
+   * `data` may be a stream the chain has already read (a remote filter's SMFIR_REPLBODY
+   * always is): read {@link EditSummary.body} for the body.
+   */
   readonly all: readonly RecordedEdit[];
 }
 
