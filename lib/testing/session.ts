@@ -24,7 +24,7 @@ import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import { MilterChain, type ChainSession, type MessageRun, type SessionFacts, type StageOutcome } from '../milter/chain.js';
-import { formatHeader, MessageState, spoolBody, type MessageEdit, type StoredHeader } from '../milter/message.js';
+import { checkAddress, formatHeader, MessageState, spoolBody, type MessageEdit, type StoredHeader } from '../milter/message.js';
 import type { Stage } from '../milter/stages.js';
 import type { AuthInfo, EnvelopeAddress, HeaderField, Milter, MilterTimeouts, ScoreEntry, TlsInfo } from '../milter/types.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
@@ -36,7 +36,7 @@ import { newQueueId, receivedValue } from '../smtp/received.js';
 import { MESSAGE_MACROS, sessionFacts, utf8Protocol } from '../smtp/session.js';
 import type { SMTPServerSession } from 'smtp-server';
 import { recordingMilter, summarizeEdits, type EditSink, type EditSummary, type RecordedEdit } from './edits.js';
-import { traceSession, type MilterEvent } from './trace.js';
+import { traceSession, tracing, type MilterEvent } from './trace.js';
 
 /**
  * What to test: one milter, several (a chain, run in this order), or a socket spec
@@ -166,15 +166,29 @@ const REPLIES = {
   nestedMail: smtpReply(503, '5.5.1', 'Error: nested MAIL command'),
   needHelo: smtpReply(503, '5.5.1', 'Error: send HELO/EHLO first'),
   unknownCommand: smtpReply(500, '5.5.2', 'Error: command not recognized'),
+  badSender: smtpReply(501, '5.1.7', 'Error: Bad sender address syntax'),
+  badRecipient: smtpReply(501, '5.1.3', 'Error: Bad recipient address syntax'),
 } as const;
 
 const CONTINUE: StageOutcome = Object.freeze({ type: 'continue' });
 
-function toAddress(a: TestAddress): EnvelopeAddress {
-  if (typeof a === 'string') return { address: a.replace(/^<(.*)>$/, '$1'), args: {} };
+/** The script's address as the gateway would get it from smtp-server; undefined for one smtp-server refuses (501). */
+function toAddress(a: TestAddress, allowEmpty: boolean): EnvelopeAddress | undefined {
+  const raw = typeof a === 'string' ? a : a?.address;
+  let address: string;
+  try {
+    address = checkAddress(raw, allowEmpty);
+  } catch {
+    return undefined;
+  }
   const args: Record<string, string | true> = {};
-  for (const [k, v] of Object.entries(a.args ?? {})) args[k.toUpperCase()] = v;
-  return { address: a.address.replace(/^<(.*)>$/, '$1'), args };
+  if (typeof a !== 'string') {
+    for (const [k, v] of Object.entries(a.args ?? {})) {
+      if (!/^[A-Za-z0-9][A-Za-z0-9-]*$/.test(k) || (v !== true && (typeof v !== 'string' || /[\x00-\x20\x7f]/.test(v)))) return undefined;
+      args[k.toUpperCase()] = v;
+    }
+  }
+  return { address, args };
 }
 
 function toMilters(m: MilterUnderTest): Milter[] {
@@ -246,6 +260,9 @@ export class TestSession {
       localPort: server.port ?? 25,
     } as SMTPServerSession;
     this.facts = sessionFacts(session, this.hostname, server.name ?? 'dovetail');
+    if (typeof session.id !== 'string' || !session.id || tracing(session.id)) {
+      throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `test session id ${JSON.stringify(session.id)} is empty or already in use`);
+    }
     this.untrace = traceSession(this.facts.sessionId, (e) => this.events.push(e));
     this.chain = chain.session(this.facts);
   }
@@ -351,7 +368,8 @@ export class TestSession {
     this.checkOpen();
     if (this.heloRanFor === undefined) return this.step('mail', 'mail', CONTINUE, REPLIES.needHelo);
     if (this.transaction) return this.step('mail', 'mail', CONTINUE, REPLIES.nestedMail);
-    const sender = toAddress(from);
+    const sender = toAddress(from, true);
+    if (!sender) return this.step('mail', 'mail', CONTINUE, REPLIES.badSender);
     const size = sender.args['SIZE'];
     if (typeof size === 'string' && /^\d{1,20}$/.test(size) && Number(size) > this.maxMessageBytes) {
       return this.step('mail', 'mail', CONTINUE, smtpReply(552, '5.3.4', `Error: message exceeds fixed maximum message size ${this.maxMessageBytes}`));
@@ -388,7 +406,8 @@ export class TestSession {
     this.checkOpen();
     const run = this.transaction;
     if (!run) return this.step('rcpt', 'rcpt', CONTINUE, REPLIES.needMail);
-    const rcpt = toAddress(to);
+    const rcpt = toAddress(to, false);
+    if (!rcpt) return this.step('rcpt', 'rcpt', CONTINUE, REPLIES.badRecipient);
     const m = this.facts.macros;
     m['{rcpt_addr}'] = rcpt.address;
     m['{rcpt_host}'] = domainOf(rcpt.address);
@@ -441,13 +460,21 @@ export class TestSession {
     const queued = smtpReply(250, '2.6.0', `Ok: queued as ${run.queueId}`);
 
     const dataOutcome = run.data();
-    const got = await ingest(Readable.from([bytes]), {
-      maxBytes: this.maxMessageBytes,
-      maxHeaderBytes: this.maxHeaderBytes,
-      bareLineEndings: this.options.bareLineEndings ?? 'reject',
-      maxLineBytes: this.options.maxLineBytes ?? 102_400,
-      ...(this.options.spool ? { spool: this.options.spool } : {}),
-    });
+    let got: Awaited<ReturnType<typeof ingest>>;
+    try {
+      got = await ingest(Readable.from([bytes]), {
+        maxBytes: this.maxMessageBytes,
+        maxHeaderBytes: this.maxHeaderBytes,
+        bareLineEndings: this.options.bareLineEndings ?? 'reject',
+        maxLineBytes: this.options.maxLineBytes ?? 102_400,
+        ...(this.options.spool ? { spool: this.options.spool } : {}),
+      });
+    } catch (err) {
+      // The spool could not be written (its directory, the disk): the gateway answers 451/452; a test wants the error.
+      await dataOutcome;
+      await run.abort();
+      throw err;
+    }
     let state: MessageState | undefined;
     try {
       const dataOut = await dataOutcome;

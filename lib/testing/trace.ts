@@ -61,6 +61,11 @@ const onError = (m: unknown): void => {
   sinks.get(v.sessionId)?.({ milter: v.milter, stage: v.stage, error: v.error, action: v.action });
 };
 
+/** True while a test session with this id is being traced. */
+export function tracing(sessionId: string): boolean {
+  return sinks.has(sessionId);
+}
+
 /** Starts routing the chain's events for `sessionId` to `sink`; returns the function that stops it. */
 export function traceSession(sessionId: string, sink: (e: MilterEvent) => void): () => void {
   if (sinks.size === 0) {

@@ -592,3 +592,50 @@ describe('bad input gets the gateway reply, never a crash', () => {
     assert.equal(e.error.message, 'invalid header name "Bad Name"');
   });
 });
+
+describe('bad scripts get a defined answer', () => {
+  const pass = defineMilter({ name: 'pass', async mail() {}, async rcpt() {} });
+  it('addresses smtp-server would refuse: 501, and no stage runs', async () => {
+    const r = await runMilter(pass, { from: 'a b@example.net', to: 'b@example.com', message: MSG });
+    assert.deepEqual(r.verdict.reply, { code: 501, enhanced: '5.1.7', lines: ['Error: Bad sender address syntax'] });
+    const s = await startSession(pass);
+    try {
+      await s.helo('client.test');
+      assert.equal((await s.mail('')).reply?.code, 250, 'the null sender is fine');
+      assert.deepEqual((await s.rcpt('<x@y>\r\nRSET')).reply, { code: 501, enhanced: '5.1.3', lines: ['Error: Bad recipient address syntax'] });
+      assert.equal((await s.rcpt({ address: 'b@example.com', args: { 'BAD KEY': 'x' } })).reply?.code, 501);
+      assert.equal((await s.rcpt('')).reply?.code, 501);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('a malformed milter, a reused session id, a closed session: errors with stable codes', async () => {
+    await assert.rejects(runMilter({ name: 'x', recpt: async () => undefined } as unknown as Milter, {}), { code: 'DOVETAIL_ERR_INVALID_MILTER' });
+    await assert.rejects(runMilter([pass, pass], {}), { code: 'DOVETAIL_ERR_INVALID_MILTER' });
+    const a = await startSession(pass, { sessionId: 'same' });
+    try {
+      await assert.rejects(startSession(pass, { sessionId: 'same' }), { code: 'DOVETAIL_ERR_INVALID_OPTIONS' });
+    } finally {
+      await a.close();
+    }
+    await assert.rejects(a.helo('x'), { code: 'DOVETAIL_ERR_INVALID_OPTIONS' });
+    const b = await startSession(pass, { sessionId: 'same' });
+    await b.close();
+    await assert.rejects(runMilter('tcp:nowhere', {}), { code: 'DOVETAIL_ERR_INVALID_OPTIONS' });
+  });
+
+  it('a spool that cannot be written: data() rejects with the error, abort runs, the session still closes', async () => {
+    const calls: string[] = [];
+    const s = await startSession(recorder('r', calls), { spool: { dir: '/nonexistent/dovetail-kit', memoryThreshold: 1 } });
+    try {
+      await s.helo('client.test');
+      await s.mail('a@example.net');
+      await s.rcpt('b@example.com');
+      await assert.rejects(s.data(MSG));
+    } finally {
+      await s.close();
+    }
+    assert.deepEqual(calls.slice(-3), ['r:data', 'r:abort', 'r:close']);
+  });
+});
