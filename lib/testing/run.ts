@@ -121,7 +121,8 @@ const NO_SCORE = { total: 0, entries: [] } as const;
 
 function verdictOf(step: StepResult): TestVerdict {
   const o = step.outcome;
-  return { stage: step.stage, type: o.type, reply: step.reply, milter: o.type === 'continue' ? undefined : (o.milter || undefined) };
+  // Only steps that run a stage (connect, helo, mail, rcpt, data) are given here: stage is set.
+  return { stage: step.stage ?? 'connect', type: o.type, reply: step.reply, milter: o.type === 'continue' ? undefined : (o.milter || undefined) };
 }
 
 function list<T>(v: T | readonly T[]): readonly T[] {

@@ -109,11 +109,11 @@ export interface StepResult {
   /** The SMTP command of the step. */
   readonly command: 'connect' | 'helo' | 'starttls' | 'auth' | 'mail' | 'rcpt' | 'data' | 'rset' | 'unknown' | 'quit';
   /**
-   * The milter stage whose outcome this is (for `data`: the last stage that ran, `eom`
+   * The milter stage whose outcome this is (for `data`: the stage that decided, `eom`
    * when the content pass completed; for a refusal the gateway itself made, the stage at
-   * which it made it).
+   * which it made it); undefined for a command that runs no stage (STARTTLS, AUTH, RSET).
    */
-  readonly stage: Stage;
+  readonly stage: Stage | undefined;
   /**
    * The chain's outcome: `continue`, or the `reject`/`tempfail` (with the milter's reply)
    * or `discard` that ended the stage, with the milter's name. A refusal made by the
@@ -277,7 +277,7 @@ export class TestSession {
     };
   }
 
-  private step(command: StepResult['command'], stage: Stage, outcome: StepResult['outcome'], reply: SmtpReply | undefined): StepResult {
+  private step(command: StepResult['command'], stage: Stage | undefined, outcome: StepResult['outcome'], reply: SmtpReply | undefined): StepResult {
     const events = this.events;
     this.events = [];
     return { command, stage, outcome, reply, events };
@@ -345,7 +345,7 @@ export class TestSession {
     m['{cipher}'] = info.cipher;
     m['{cipher_bits}'] = String(info.bits);
     this.transaction = undefined;
-    return this.step('starttls', 'helo', CONTINUE, undefined);
+    return this.step('starttls', undefined, CONTINUE, undefined);
   }
 
   /**
@@ -356,7 +356,7 @@ export class TestSession {
   async auth(user: string | AuthInfo): Promise<StepResult> {
     this.checkOpen();
     this.user = typeof user === 'string' ? { method: 'PLAIN', user } : user;
-    return this.step('auth', 'helo', CONTINUE, undefined);
+    return this.step('auth', undefined, CONTINUE, undefined);
   }
 
   /**
@@ -607,7 +607,7 @@ export class TestSession {
   async rset(): Promise<StepResult> {
     this.checkOpen();
     this.transaction = undefined;
-    return this.step('rset', 'abort', CONTINUE, undefined);
+    return this.step('rset', undefined, CONTINUE, undefined);
   }
 
   /**
