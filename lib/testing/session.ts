@@ -222,7 +222,8 @@ export class TestSession {
   private closed = false;
   private esmtp = true;
   private heloRanFor: string | undefined;
-  private heloRefusal: SmtpReply | undefined;
+  /** The helo stage's refusal for the current name (given at every MAIL FROM), with the milter that refused. */
+  private heloRefusal: StageOutcome | undefined;
   private user: AuthInfo | undefined;
   /** The open transaction as smtp-server sees it (MAIL given, not yet ended by DATA or RSET). */
   private transaction: MessageRun | undefined;
@@ -326,7 +327,7 @@ export class TestSession {
       this.heloRanFor = helo;
       this.facts.helo = helo;
       out = await this.chain.helo(helo);
-      this.heloRefusal = refusal(out);
+      this.heloRefusal = refusal(out) ? out : undefined;
     }
     return this.step('helo', 'helo', out, undefined);
   }
@@ -376,7 +377,7 @@ export class TestSession {
     }
     const f = this.facts;
     f.auth = this.user;
-    if (this.heloRefusal) return this.step('mail', 'helo', { type: 'reject', reply: this.heloRefusal }, this.heloRefusal);
+    if (this.heloRefusal) return this.step('mail', 'helo', this.heloRefusal, refusal(this.heloRefusal));
     const queueId = newQueueId();
     const m = f.macros;
     // Message macros start afresh with each MAIL FROM.

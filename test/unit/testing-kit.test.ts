@@ -381,8 +381,21 @@ describe('the chain semantics the kit inherits from the gateway', () => {
       { helo: 'LOCALHOST', from: 'a@example.net', to: 'b@example.com', message: MSG },
     );
     assert.equal(helo.helo?.reply, undefined);
-    assert.deepEqual(helo.verdict, { stage: 'helo', type: 'reject', reply: { code: 550, enhanced: '5.7.1', lines: ['Bad HELO'] }, milter: undefined });
+    assert.deepEqual(helo.verdict, { stage: 'helo', type: 'reject', reply: { code: 550, enhanced: '5.7.1', lines: ['Bad HELO'] }, milter: 'helo-check' });
     assert.equal(helo.transactions[0]?.mail.reply?.lines[0], 'Bad HELO');
+    const slow = await runMilter(
+      defineMilter({
+        name: 'helo-later',
+        async helo() {
+          return tempfail(450, '4.7.1', 'Try HELO later');
+        },
+      }),
+      { messages: [{ from: 'a@example.net', to: 'b@example.com' }, { from: 'a@example.net', to: 'b@example.com' }] },
+    );
+    assert.deepEqual(
+      slow.transactions.map((t) => `${t.verdict.stage} ${t.verdict.type} ${t.verdict.reply?.code} ${t.verdict.milter}`),
+      ['helo tempfail 450 helo-later', 'helo tempfail 450 helo-later'],
+    );
 
     const calls: string[] = [];
     const conn = await runMilter([recorder('gate', calls, { connect: async () => (calls.push('gate:connect'), tempfail(450, '4.7.1', 'Busy')) } as Partial<Milter>)], {
