@@ -10,6 +10,8 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { formatReply } from '../../lib/index.js';
 import { runMilter, startSession } from '../../lib/testing/index.js';
+import { connectMilter } from '../../lib/index.js';
+import { kitAndGateway } from '../helpers/kit-compare.js';
 import { startReferenceFilter, type RunningFilter } from '../helpers/libmilter.js';
 
 let filter: RunningFilter;
@@ -101,4 +103,19 @@ test('stepping against the filter: a RCPT at a time, then the session ends clean
   } finally {
     await s.close();
   }
+});
+
+test('the reference filter behind connectMilter(): runMilter() and a real gateway over a socket agree', async () => {
+  const { gateway, kit } = await kitAndGateway(() => [connectMilter(filter.spec, { name: 'reference' })], {
+    helo: 'client.sender.test',
+    transactions: [
+      { from: 'alice@sender.test', to: ['bob@example.test', 'reject@example.test', 'tempfail@example.test', 'drop@example.test'], message: MESSAGE('hello world') },
+      { from: 'carol@sender.test', to: ['bob@example.test'], message: MESSAGE('QUARANTINE me') },
+    ],
+  });
+  // X-Saw names the client port and queue ids the filter saw: the same port on both sides, ids masked.
+  assert.deepEqual(kit, gateway);
+  assert.equal(gateway.handed.length, 2);
+  assert.match(gateway.handed[0]!, /^bounce@sender\.test -> bob@example\.test,archive@example\.test\nX-Inserted: at the top\r\nReceived: /);
+  assert.match(gateway.handed[1]!, /^QUARANTINE /);
 });
