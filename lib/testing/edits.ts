@@ -37,10 +37,20 @@ export function recordingMilter(milter: Milter, sink: () => EditSink | undefined
     if (to) record(ctx, (edit) => to(milter.name, edit));
     return eom.call(milter, ctx);
   };
+  // Every handler is called with the milter itself as `this` (a class instance with
+  // #private fields must not see the proxy); bound once, so each key keeps one identity.
+  const bound = new Map<PropertyKey, unknown>();
   return new Proxy(milter, {
-    get(target, key, receiver) {
+    get(target, key) {
       if (key === 'eom') return wrapped;
-      return Reflect.get(target, key, receiver) as unknown;
+      const value = Reflect.get(target, key, target) as unknown;
+      if (typeof value !== 'function') return value;
+      let b = bound.get(key);
+      if (b === undefined || (b as { original?: unknown }).original !== value) {
+        b = Object.assign((value as (...args: unknown[]) => unknown).bind(target), { original: value });
+        bound.set(key, b);
+      }
+      return b;
     },
   });
 }

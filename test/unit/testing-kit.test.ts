@@ -652,3 +652,23 @@ describe('bad scripts get a defined answer', () => {
     assert.deepEqual(calls.slice(-3), ['r:data', 'r:abort', 'r:close']);
   });
 });
+
+describe('milters written as classes', () => {
+  it('handlers run with the milter as `this`, #private fields included', async () => {
+    class Counting implements Milter {
+      readonly name = 'counting';
+      #seen = 0;
+      async rcpt(): Promise<undefined> {
+        this.#seen++;
+        return undefined;
+      }
+      async eom(ctx: Parameters<NonNullable<Milter['eom']>>[0]): Promise<undefined> {
+        ctx.message.addHeader('X-Recipients-Seen', String(this.#seen));
+        return undefined;
+      }
+    }
+    const r = await runMilter(new Counting(), { from: 'a@example.net', to: ['b@example.com', 'c@example.com'], message: MSG });
+    assert.deepEqual(r.events, []);
+    assert.deepEqual(r.edits.headersAdded, [{ name: 'X-Recipients-Seen', value: '2' }]);
+  });
+});
