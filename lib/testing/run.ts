@@ -198,8 +198,9 @@ export async function runMilter(milters: MilterUnderTest, script: TestScript = {
         for (const to of list(t.to)) rcpt.push(keep(await s.rcpt(to)));
         const accepted = rcpt.filter((r) => r.reply !== undefined && r.reply.code < 400);
         const last = rcpt.at(-1);
-        if (accepted.length === 0) {
-          if (last) verdict = verdictOf(last);
+        if (accepted.length === 0 && last) {
+          // Every recipient refused: a client does not send DATA (smtp-server would answer 503).
+          verdict = verdictOf(last);
           keep(await s.rset());
         } else if (t.message !== undefined) {
           data = keep(await s.data(t.message));

@@ -117,8 +117,8 @@ export interface StepResult {
   /**
    * The chain's outcome: `continue`, or the `reject`/`tempfail` (with the milter's reply)
    * or `discard` that ended the stage, with the milter's name. A refusal made by the
-   * gateway itself (size, bare line endings, too many hops, no recipient left) has no
-   * milter.
+   * gateway or smtp-server itself (size, bare line endings, too many hops, no recipient
+   * left, address syntax, commands out of order) is a `reject`/`tempfail` with no milter.
    */
   readonly outcome: StageOutcome | { readonly type: 'reject' | 'tempfail'; readonly reply: SmtpReply; readonly milter?: undefined };
   /**
@@ -195,6 +195,9 @@ function toMilters(m: MilterUnderTest): Milter[] {
   const list: readonly (Milter | string)[] = Array.isArray(m) ? (m as readonly (Milter | string)[]) : [m as Milter | string];
   return list.map((x) => (typeof x === 'string' ? connectMilter(x) : x));
 }
+
+/** The outcome of a refusal the gateway (or smtp-server) makes itself: no milter. */
+const own = (reply: SmtpReply): StepResult['outcome'] => ({ type: reply.code >= 500 ? 'reject' : 'tempfail', reply });
 
 const refusal = (out: StageOutcome): SmtpReply | undefined => (out.type === 'reject' || out.type === 'tempfail' ? out.reply : undefined);
 
@@ -367,13 +370,14 @@ export class TestSession {
    */
   async mail(from: TestAddress): Promise<StepResult> {
     this.checkOpen();
-    if (this.heloRanFor === undefined) return this.step('mail', 'mail', CONTINUE, REPLIES.needHelo);
-    if (this.transaction) return this.step('mail', 'mail', CONTINUE, REPLIES.nestedMail);
+    if (this.heloRanFor === undefined) return this.step('mail', 'mail', own(REPLIES.needHelo), REPLIES.needHelo);
+    if (this.transaction) return this.step('mail', 'mail', own(REPLIES.nestedMail), REPLIES.nestedMail);
     const sender = toAddress(from, true);
-    if (!sender) return this.step('mail', 'mail', CONTINUE, REPLIES.badSender);
+    if (!sender) return this.step('mail', 'mail', own(REPLIES.badSender), REPLIES.badSender);
     const size = sender.args['SIZE'];
     if (typeof size === 'string' && /^\d{1,20}$/.test(size) && Number(size) > this.maxMessageBytes) {
-      return this.step('mail', 'mail', CONTINUE, smtpReply(552, '5.3.4', `Error: message exceeds fixed maximum message size ${this.maxMessageBytes}`));
+      const tooBig = smtpReply(552, '5.3.4', `Error: message exceeds fixed maximum message size ${this.maxMessageBytes}`);
+      return this.step('mail', 'mail', own(tooBig), tooBig);
     }
     const f = this.facts;
     f.auth = this.user;
@@ -406,9 +410,9 @@ export class TestSession {
   async rcpt(to: TestAddress): Promise<StepResult> {
     this.checkOpen();
     const run = this.transaction;
-    if (!run) return this.step('rcpt', 'rcpt', CONTINUE, REPLIES.needMail);
+    if (!run) return this.step('rcpt', 'rcpt', own(REPLIES.needMail), REPLIES.needMail);
     const rcpt = toAddress(to, false);
-    if (!rcpt) return this.step('rcpt', 'rcpt', CONTINUE, REPLIES.badRecipient);
+    if (!rcpt) return this.step('rcpt', 'rcpt', own(REPLIES.badRecipient), REPLIES.badRecipient);
     const m = this.facts.macros;
     m['{rcpt_addr}'] = rcpt.address;
     m['{rcpt_host}'] = domainOf(rcpt.address);
@@ -444,8 +448,8 @@ export class TestSession {
       quarantine: undefined,
       score: { total: 0, entries: [] },
     });
-    if (!run) return empty('data', CONTINUE, REPLIES.needMail);
-    if (run.recipients.length === 0) return empty('data', CONTINUE, REPLIES.needRcpt, run.queueId);
+    if (!run) return empty('data', own(REPLIES.needMail), REPLIES.needMail);
+    if (run.recipients.length === 0) return empty('data', own(REPLIES.needRcpt), REPLIES.needRcpt, run.queueId);
     this.transaction = undefined;
     let bytes = typeof message === 'string' ? Buffer.from(message, 'utf8') : Buffer.from(message.buffer, message.byteOffset, message.byteLength);
     if (bytes.length > 0 && !(bytes.length >= 2 && bytes[bytes.length - 2] === 0x0d && bytes[bytes.length - 1] === 0x0a)) {
@@ -457,7 +461,7 @@ export class TestSession {
       return { total: Math.round(total * 1000) / 1000, entries: [...run.scoreEntries] };
     };
     const refused = (stage: Stage, outcome: StepResult['outcome'], reply: SmtpReply): MessageResult => ({ ...empty(stage, outcome, reply, run.queueId), score: score() });
-    const gateway = (stage: Stage, reply: SmtpReply): MessageResult => refused(stage, { type: reply.code >= 500 ? 'reject' : 'tempfail', reply }, reply);
+    const gateway = (stage: Stage, reply: SmtpReply): MessageResult => refused(stage, own(reply), reply);
     const queued = smtpReply(250, '2.6.0', `Ok: queued as ${run.queueId}`);
 
     const dataOutcome = run.data();

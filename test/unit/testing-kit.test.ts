@@ -672,3 +672,18 @@ describe('milters written as classes', () => {
     assert.deepEqual(r.edits.headersAdded, [{ name: 'X-Recipients-Seen', value: '2' }]);
   });
 });
+
+describe('refusals the kit itself gives', () => {
+  it('are reject/tempfail outcomes with no milter; a transaction without RCPT gets 503 at DATA', async () => {
+    const pass = defineMilter({ name: 'pass', async eom() {} });
+    const r = await runMilter(pass, { from: 'a@example.net', to: [], message: MSG });
+    assert.deepEqual(r.verdict, { stage: 'data', type: 'reject', reply: { code: 503, enhanced: '5.5.1', lines: ['Error: need RCPT command'] }, milter: undefined });
+    const s = await startSession(pass);
+    try {
+      const early = await s.mail('a@example.net');
+      assert.deepEqual(early.outcome, { type: 'reject', reply: { code: 503, enhanced: '5.5.1', lines: ['Error: send HELO/EHLO first'] } });
+    } finally {
+      await s.close();
+    }
+  });
+});
