@@ -687,3 +687,30 @@ describe('refusals the kit itself gives', () => {
     }
   });
 });
+
+describe('sessions at once', () => {
+  it('each run gets only its own milters\' events, and the kit stops listening when none is open', async () => {
+    const runs = await Promise.all(
+      Array.from({ length: 10 }, (_, i) =>
+        runMilter(
+          defineMilter({
+            name: `m${i}`,
+            async rcpt() {
+              await new Promise((resolve) => setImmediate(resolve));
+              return reject(550, '5.1.1', `no ${i}`);
+            },
+          }),
+          { from: 'a@example.net', to: ['b@example.com', 'c@example.com'] },
+        ),
+      ),
+    );
+    runs.forEach((r, i) => {
+      assert.deepEqual(
+        r.events.map((e) => `${e.milter} ${e.stage}`),
+        [`m${i} rcpt`, `m${i} rcpt`],
+      );
+    });
+    const dc = await import('node:diagnostics_channel');
+    assert.equal(dc.channel('dovetail:milter:verdict').hasSubscribers, false);
+  });
+});
