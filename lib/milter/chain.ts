@@ -12,7 +12,7 @@
  * turns its outcomes into replies.
  */
 import { DovetailError, ErrorCodes } from '../errors.js';
-import { channels } from '../diagnostics.js';
+import { channels, type MilterDecision } from '../diagnostics.js';
 import { CONTENT_STAGES, type Stage } from './stages.js';
 import { validateMilter } from './define.js';
 import {
@@ -293,6 +293,14 @@ export class ChainSession {
     let ac: AbortController | undefined;
     const signal = (): AbortSignal => (ac ??= new AbortController()).signal;
     let timer: NodeJS.Timeout | undefined;
+    // Timed only when someone listens (logs, metrics): a gateway nobody watches reads no clock.
+    const timed = run?.decisions !== undefined || channels.milterCall.hasSubscribers;
+    const t0 = timed ? performance.now() : 0;
+    const took = (): number => {
+      const ms = timed ? performance.now() - t0 : 0;
+      if (run?.decisions) run.milterMs += ms;
+      return ms;
+    };
     try {
       const result = await new Promise<unknown>((resolve, reject) => {
         timer = setTimeout(
@@ -309,8 +317,21 @@ export class ChainSession {
       if (!ALLOWED[stage].has(v.type)) {
         throw new DovetailError(ErrorCodes.INVALID_VERDICT, `milter ${m.name} answered ${v.type} at ${stage}, which that stage does not allow`);
       }
+      const durationMs = took();
+      if (channels.milterCall.hasSubscribers) {
+        channels.milterCall.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, verdict: v.type, durationMs });
+      }
       if (v.type !== 'continue') {
-        channels.verdict.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, verdict: v });
+        channels.verdict.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, verdict: v, durationMs });
+        if (run?.decisions && v.type !== 'skip') {
+          run.decisions.push({
+            milter: m.name,
+            stage,
+            verdict: v.type,
+            ...(v.type === 'reject' || v.type === 'tempfail' ? { reply: v.reply } : {}),
+            ...(v.type === 'quarantine' ? { reason: v.reason } : {}),
+          });
+        }
       }
       return v;
     } catch (err) {
@@ -318,7 +339,12 @@ export class ChainSession {
       const error =
         err instanceof DovetailError ? err : new DovetailError(ErrorCodes.MILTER_FAILED, `milter ${m.name} failed at ${stage}`, { cause: err });
       const action = stage === 'abort' || stage === 'close' ? 'none' : (m.defaultAction ?? 'tempfail');
-      channels.milterError.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, error, action });
+      const durationMs = took();
+      if (channels.milterCall.hasSubscribers) {
+        channels.milterCall.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, verdict: 'error', durationMs });
+      }
+      channels.milterError.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, error, action, durationMs });
+      run?.decisions?.push({ milter: m.name, stage, verdict: action, error: error.code });
       switch (action) {
         case 'none':
           return { type: 'continue', failed: true };
@@ -348,6 +374,14 @@ export class MessageRun {
   quarantine: string | undefined;
   /** A milter discarded the message: no more stages; the client is told 250. */
   discarded = false;
+  /**
+   * @internal The milters' decisions (verdicts other than continue, default actions) and the
+   * time spent in handlers, for the transaction event; kept only when the gateway asks
+   * ({@link MessageRun.observe}: someone subscribes to it).
+   */
+  decisions: MilterDecision[] | undefined;
+  /** @internal Milliseconds spent in this message's milter handlers (when observed). */
+  milterMs = 0;
   private done = false;
 
   constructor(
@@ -358,6 +392,11 @@ export class MessageRun {
     this.active = new Set(session.active);
     this.scoreEntries = [...session.scoreEntries];
     this.quarantine = session.quarantine;
+  }
+
+  /** @internal Starts keeping decisions and milter time for the transaction event. */
+  observe(): void {
+    this.decisions ??= [];
   }
 
   private extend = (base: SessionContext): MessageContext =>
