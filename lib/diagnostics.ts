@@ -136,6 +136,13 @@ export interface TransactionRecipient {
  */
 export type TransactionOutcome = 'delivered' | 'queued' | 'quarantined' | 'discarded' | 'rejected' | 'tempfailed' | 'abandoned';
 
+/** What became of one recipient when the gateway handed the message on. */
+export interface TransactionResult {
+  readonly recipient: string;
+  readonly status: DeliveryStatus | 'queued';
+  readonly reply?: SmtpReply;
+}
+
 /** Payload of `Channels.transaction`. */
 export interface TransactionEvent {
   readonly sessionId: string;
@@ -153,8 +160,12 @@ export interface TransactionEvent {
   readonly outcome: TransactionOutcome;
   /** The final reply the client got (undefined for `abandoned`). */
   readonly reply: SmtpReply | undefined;
-  /** Per recipient after the milters' edits (`undefined`: routed to the queue, not tried yet); only when the message was handed on. */
-  readonly results: readonly ({ readonly recipient: string; readonly status: DeliveryStatus; readonly reply: SmtpReply } | undefined)[] | undefined;
+  /**
+   * Where each recipient went, after the milters' edits: its local delivery result, or
+   * `queued` (routed outbound, or held by the queue after a mixed result: see `queued`)
+   * without a reply; only when the message was handed on.
+   */
+  readonly results: readonly TransactionResult[] | undefined;
   /** True when the queue took the message. */
   readonly queued: boolean;
   /** Epoch ms of MAIL FROM. */

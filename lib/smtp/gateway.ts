@@ -397,7 +397,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       if (tx) {
         tx.handoffMs = performance.now() - h0;
         tx.size = state.size;
-        tx.results = outcome.results;
+        tx.results = outcome.results.map((r, i) => r ?? { recipient: state?.recipients[i]?.address ?? '', status: 'queued' });
         tx.queued = outcome.queued;
         tx.quarantined = state.quarantine !== undefined;
       }

@@ -7,10 +7,9 @@
  * It deliberately does not: format or write anything (lib/observe/ does), or keep anything
  * past the transaction.
  */
-import { channels, type ClientFacts, type TransactionEvent, type TransactionOutcome, type TransactionRecipient } from '../diagnostics.js';
+import { channels, type ClientFacts, type TransactionEvent, type TransactionOutcome, type TransactionRecipient, type TransactionResult } from '../diagnostics.js';
 import type { MessageRun } from '../milter/chain.js';
 import type { SmtpReply } from '../milter/verdict.js';
-import type { DeliveryStatus } from '../delivery/types.js';
 
 /** The session facts a transaction event repeats. */
 export interface TransactionSession {
@@ -27,7 +26,7 @@ export class TransactionRecord {
   private readonly t0 = performance.now();
   readonly recipients: TransactionRecipient[] = [];
   size: number | undefined;
-  results: readonly ({ readonly recipient: string; readonly status: DeliveryStatus; readonly reply: SmtpReply } | undefined)[] | undefined;
+  results: readonly TransactionResult[] | undefined;
   queued = false;
   quarantined = false;
   handoffMs = 0;
