@@ -172,7 +172,7 @@ export function enableLogging(options: LoggingOptions = {}): Logging {
       made = pino.destination({ dest: options.destination ?? 1, sync: options.sync ?? true, ...(typeof options.destination === 'string' ? { mkdir: true } : {}) });
       stream = made;
     }
-    logger = pino({ level: options.level ?? 'info' }, stream);
+    logger = pino({ level: options.level ?? 'info', timestamp: pino.stdTimeFunctions.isoTime }, stream);
   }
   const log = logger;
   const subscriptions: [string, (message: unknown, name: string | symbol) => void][] = [];
@@ -207,7 +207,7 @@ export function enableLogging(options: LoggingOptions = {}): Logging {
       stage: e.stage,
       action: e.action,
       ...errorFields(e.error),
-      msg: `milter ${e.milter} failed at ${e.stage}: ${e.error instanceof Error ? e.error.message : String(e.error)}; default action ${e.action}`,
+      msg: `${e.error instanceof Error ? e.error.message : `milter ${e.milter} failed at ${e.stage}`}; default action ${e.action}`,
     }),
   );
   on<{ error: unknown } & Record<string, unknown>>(Channels.error, (e) => {
