@@ -12,10 +12,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
+import diagnostics_channel from 'node:diagnostics_channel';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
+import { Writable } from 'node:stream';
+import { Registry } from 'prom-client';
 import {
+  Channels,
   createGateway,
   createLmtpServer,
   createQueue,
@@ -24,6 +28,7 @@ import {
   enableMetrics,
   lmtp,
   maildir,
+  quarantine,
   reject,
   routes,
   serveMetrics,
@@ -329,4 +334,136 @@ test('DNS latency: the bundled milters\' caching resolver asking a DNS server on
   assert.equal(sample(text, 'dovetail_dns_query_duration_seconds_count', { rrtype: 'TXT', outcome: 'ok' }), 1);
   assert.equal(sample(text, 'dovetail_dns_query_duration_seconds_count', { rrtype: 'TXT', outcome: 'notfound' }), 1);
   assert.equal(dns.count('example.test', 'TXT'), 1);
+});
+
+test('transaction and connection lines for the other endings: NOQUEUE refusal, abandoned, quarantined, disconnect, timeout, shutdown', async (t) => {
+  const base = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-observe-'));
+  t.after(() => fs.rm(base, { recursive: true, force: true }));
+  await fs.mkdir(path.join(base, 'mail'));
+  await fs.mkdir(path.join(base, 'quarantine'));
+  // Lines into a stream this time (any pino destination), parsed as they come.
+  const lines: Line[] = [];
+  const stream = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      for (const l of chunk.toString('utf8').split('\n')) if (l.trim()) lines.push(JSON.parse(l) as Line);
+      cb();
+    },
+  });
+  const logging = enableLogging({ stream, level: 'info' });
+  t.after(() => logging.close());
+  const metrics = enableMetrics();
+  t.after(() => metrics.close());
+
+  const gateway = createGateway({
+    hostname: 'mx.test',
+    resolveClientNames: false,
+    listen: [
+      { host: '127.0.0.1', port: 0, name: 'mx' },
+      { host: '127.0.0.1', port: 0, name: 'other' },
+    ],
+    // Long enough that a loaded machine does not time out the commands in between.
+    socketTimeout: 2000,
+    milters: [
+      defineMilter({
+        name: 'jail',
+        async helo(_ctx, name) {
+          if (name === 'bad.test') return reject(550, '5.7.1', 'Bad HELO');
+        },
+        async eom(ctx) {
+          if (ctx.headers.some((h) => h.name.toLowerCase() === 'subject' && h.value.includes('hold-me'))) return quarantine('held for review');
+        },
+      }),
+    ],
+    delivery: maildir({ root: path.join(base, 'mail') }),
+    quarantine: maildir({ root: path.join(base, 'quarantine') }),
+  });
+  const [mx, other] = await gateway.listen();
+  let gatewayClosed = false;
+  t.after(() => (gatewayClosed ? undefined : gateway.close()));
+
+  // A refused HELO is said at MAIL FROM, before a queue id (NOQUEUE); then the client goes
+  // away without QUIT.
+  const s = await ehlo(other!.port, 'bad.test');
+  assert.equal((await s.cmd('MAIL FROM:<alice@example.test>')).code, 550);
+  s.socket.destroy();
+  const m = await ehlo(mx!.port, 'relay.test');
+  assert.equal((await m.cmd('MAIL FROM:<alice@sender.test>')).code, 250);
+  assert.equal((await m.cmd('RCPT TO:<bob@example.test>')).code, 250);
+  assert.equal((await m.cmd('RSET')).code, 250);
+  // A quarantined message, then silence until the idle timeout closes the session.
+  const held = await send(m, 'alice@sender.test', ['bob@example.test'], message('please hold-me'));
+  assert.equal(held.data?.code, 250);
+  await m.waitClosed();
+  // An idle session the gateway's close() ends.
+  const idle = await ehlo(mx!.port, 'idle.test');
+  const ends = await waitFor('the first two connection lines', () => {
+    const c = lines.filter((l) => l.event === 'connection');
+    return c.length >= 2 ? c : undefined;
+  });
+  await gateway.close();
+  gatewayClosed = true;
+  await idle.waitClosed();
+  const all = await waitFor('the shutdown connection line', () => (lines.filter((l) => l.event === 'connection').length >= 3 ? lines : undefined));
+
+  const txs = all.filter((l) => l.event === 'transaction');
+  assert.equal(txs.length, 3, JSON.stringify(txs));
+  const [noqueue, abandoned, quarantined] = txs as [Line, Line, Line];
+  assert.equal(noqueue.queueId, undefined);
+  assert.equal(noqueue.listener, 'other');
+  assert.equal(noqueue.helo, 'bad.test');
+  assert.equal(noqueue.outcome, 'rejected');
+  assert.equal(noqueue.reply, '550 5.7.1 Bad HELO');
+  assert.deepEqual(noqueue.milters, undefined, 'a session-stage verdict belongs to no transaction');
+  assert.match(String(noqueue.msg), /^NOQUEUE: rejected from=<alice@example\.test>/);
+  assert.equal(abandoned.outcome, 'abandoned');
+  assert.equal(typeof abandoned.queueId, 'string');
+  assert.deepEqual(abandoned.to, ['bob@example.test']);
+  assert.equal(abandoned.reply, undefined);
+  assert.equal(quarantined.outcome, 'quarantined');
+  assert.deepEqual(quarantined.milters, [{ milter: 'jail', stage: 'eom', verdict: 'quarantine', reason: 'held for review' }]);
+  const qd = all.filter((l) => l.event === 'delivery');
+  assert.equal(qd.length, 1);
+  assert.equal(qd[0]!.kind, 'quarantine');
+  assert.equal(qd[0]!.queueId, quarantined.queueId);
+  assert.equal(qd[0]!.transport, 'maildir');
+  assert.equal(qd[0]!.relay, 'maildir');
+  assert.equal(qd[0]!.status, 'sent');
+
+  const byListener = new Map(ends.map((l) => [l.listener, l]));
+  assert.equal(byListener.get('other')?.end, 'disconnect');
+  assert.equal(byListener.get('other')?.transactions, 0);
+  assert.equal(byListener.get('mx')?.end, 'timeout');
+  assert.equal(byListener.get('mx')?.transactions, 2);
+  assert.equal(byListener.get('mx')?.accepted, 1);
+  const last = all.filter((l) => l.event === 'connection')[2]!;
+  assert.equal(last.end, 'shutdown');
+  assert.equal(last.helo, 'idle.test');
+
+  const text = await metrics.registry.metrics();
+  assert.equal(sample(text, 'dovetail_connections_closed_total', { listener: 'mx', end: 'timeout' }), 1);
+  assert.equal(sample(text, 'dovetail_connections_closed_total', { listener: 'mx', end: 'shutdown' }), 1);
+  assert.equal(sample(text, 'dovetail_connections_closed_total', { listener: 'other', end: 'disconnect' }), 1);
+  assert.equal(sample(text, 'dovetail_transactions_total', { listener: 'mx', outcome: 'abandoned', reply_class: 'none' }), 1);
+  assert.equal(sample(text, 'dovetail_transactions_total', { listener: 'mx', outcome: 'quarantined', reply_class: '2xx' }), 1);
+  assert.equal(sample(text, 'dovetail_transactions_total', { listener: 'other', outcome: 'rejected', reply_class: '5xx' }), 1);
+  assert.equal(sample(text, 'dovetail_milter_verdicts_total', { milter: 'jail', stage: 'helo', verdict: 'reject' }), 1);
+  assert.equal(sample(text, 'dovetail_milter_verdicts_total', { milter: 'jail', stage: 'eom', verdict: 'quarantine' }), 1);
+  assert.equal(sample(text, 'dovetail_deliveries_total', { transport: 'maildir', status: 'delivered', source: 'gateway' }), 1);
+});
+
+test('enableMetrics again on the same registry carries the counters on', async () => {
+  const registry = new Registry();
+  const one = enableMetrics({ registry });
+  diagnostics_channel.channel(Channels.connect).publish({ sessionId: 'a', client: { address: '192.0.2.1', port: 1, hostname: '[192.0.2.1]', family: 'ipv4' }, listener: 'x' });
+  one.close();
+  diagnostics_channel.channel(Channels.connect).publish({ sessionId: 'b', client: { address: '192.0.2.1', port: 1, hostname: '[192.0.2.1]', family: 'ipv4' }, listener: 'x' });
+  const two = enableMetrics({ registry });
+  diagnostics_channel.channel(Channels.connect).publish({ sessionId: 'c', client: { address: '192.0.2.1', port: 1, hostname: '[192.0.2.1]', family: 'ipv4' }, listener: 'x' });
+  two.close();
+  assert.equal(sample(await registry.metrics(), 'dovetail_connections_total', { listener: 'x' }), 2);
+  // A payload that is not what the channel promises costs a count, never a crash.
+  const three = enableMetrics({ registry });
+  diagnostics_channel.channel(Channels.transaction).publish({ nonsense: true });
+  diagnostics_channel.channel(Channels.delivery).publish(null);
+  three.close();
 });
