@@ -300,7 +300,8 @@ export function createGateway(options: GatewayOptions): Gateway {
     try {
       const text = await receive(gs, run, stream, session);
       gs.accepted++;
-      tx?.end(txSession(gs, session), smtpReply(250, '2.0.0', text));
+      // smtp-server sends it as 250 2.6.0 (its DATA_OK enhanced code).
+      tx?.end(txSession(gs, session), smtpReply(250, '2.6.0', text));
       return text;
     } catch (err) {
       tx?.end(txSession(gs, session), isReplyError(err) ? err.reply : REPLIES.internal);

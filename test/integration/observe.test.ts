@@ -200,7 +200,7 @@ test('logs and metrics of a gateway with a mailstore, a deferring next hop and r
   assert.equal(queued.client, '127.0.0.1');
   assert.equal(typeof queued.size, 'number');
   assert.ok((queued.size as number) > message('hello').length, 'the size counts the Received header too');
-  assert.match(String(queued.reply), new RegExp(`^250 2\\.0\\.0 Ok: queued as ${queueId}`));
+  assert.match(String(queued.reply), new RegExp(`^250 2\\.6\\.0 Ok: queued as ${queueId}`));
   assert.equal(queued.queued, true);
   const results = queued.results as { to: string; status: string; reply?: string }[];
   assert.equal(results.length, 2);
