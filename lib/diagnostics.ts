@@ -215,9 +215,12 @@ export interface MilterCallEvent {
   readonly queueId: string | undefined;
   readonly milter: string;
   readonly stage: string;
-  /** The verdict type, or `error` when the handler failed (its default action was taken). */
+  /** The verdict type (of the last call), or `error` when the handler failed (its default action was taken). */
   readonly verdict: string;
+  /** Milliseconds in the handler (summed over the calls). */
   readonly durationMs: number;
+  /** Handler calls this event stands for: 1, or for `header` and `body` every header / body chunk of the message. */
+  readonly calls: number;
 }
 
 /** Payload of `Channels.dns`. */

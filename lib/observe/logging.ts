@@ -241,7 +241,8 @@ export function enableLogging(options: LoggingOptions = {}): Logging {
         } catch {
           // Not open yet, or already closed: nothing buffered to lose with sync writes.
         }
-        if (options.destination !== 1 && options.destination !== 2 && options.destination !== undefined) made.end();
+        // A file it opened is closed; a descriptor it was given (stdout …) stays open.
+        if (typeof options.destination === 'string') made.end();
       }
     },
   };
