@@ -38,7 +38,7 @@ import {
 import { cachingResolver, defaultResolver } from '../../milters/dns.js';
 import { startPeer } from '../helpers/smtp-peer.js';
 import { startDnsServer } from '../helpers/dns-server.js';
-import { ehlo, message, send } from '../helpers/smtp.js';
+import { ehlo, message, send, startGateway } from '../helpers/smtp.js';
 import { selfSignedCert } from '../helpers/tls.js';
 import { waitFor } from '../helpers/wait.js';
 
@@ -466,4 +466,23 @@ test('enableMetrics again on the same registry carries the counters on', async (
   diagnostics_channel.channel(Channels.transaction).publish({ nonsense: true });
   diagnostics_channel.channel(Channels.delivery).publish(null);
   three.close();
+});
+
+test('nobody listening to the log channels: no transaction record, no milter timing', async (t) => {
+  const verdicts: { durationMs: number }[] = [];
+  const onVerdict = (m: unknown): void => void verdicts.push(m as { durationMs: number });
+  diagnostics_channel.subscribe(Channels.verdict, onVerdict);
+  t.after(() => diagnostics_channel.unsubscribe(Channels.verdict, onVerdict));
+  assert.equal(diagnostics_channel.channel(Channels.transaction).hasSubscribers, false);
+  assert.equal(diagnostics_channel.channel(Channels.milterCall).hasSubscribers, false);
+  const gw = await startGateway({
+    milters: [defineMilter({ name: 'no', async rcpt() { return reject(550, '5.7.1', 'No'); } })],
+  });
+  t.after(() => gw.close());
+  const c = await ehlo(gw.port);
+  const r = await send(c, 'a@sender.test', ['b@example.test'], message());
+  assert.deepEqual(r.rcpt.map((x) => x.code), [550]);
+  await c.cmd('QUIT');
+  assert.equal(verdicts.length, 1);
+  assert.equal(verdicts[0]!.durationMs, 0, 'the clock is read only for the log channels');
 });
