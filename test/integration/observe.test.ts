@@ -38,7 +38,7 @@ import {
 import { cachingResolver, defaultResolver } from '../../milters/dns.js';
 import { startPeer } from '../helpers/smtp-peer.js';
 import { startDnsServer } from '../helpers/dns-server.js';
-import { ehlo, message, send, startGateway } from '../helpers/smtp.js';
+import { ehlo, message, RawClient, send, startGateway } from '../helpers/smtp.js';
 import { selfSignedCert } from '../helpers/tls.js';
 import { waitFor } from '../helpers/wait.js';
 
@@ -485,4 +485,34 @@ test('nobody listening to the log channels: no transaction record, no milter tim
   await c.cmd('QUIT');
   assert.equal(verdicts.length, 1);
   assert.equal(verdicts[0]!.durationMs, 0, 'the clock is read only for the log channels');
+});
+
+test('a greeting refused by the connect stage ends as refused; the hard error limit as too-many-errors', async (t) => {
+  const lines: Line[] = [];
+  const stream = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      for (const l of chunk.toString('utf8').split('\n')) if (l.trim()) lines.push(JSON.parse(l) as Line);
+      cb();
+    },
+  });
+  const logging = enableLogging({ stream });
+  t.after(() => logging.close());
+  let refuse = true;
+  const gw = await startGateway({
+    errorLimits: { soft: 1, hard: 3, sleep: 0 },
+    milters: [defineMilter({ name: 'gate', async connect() { if (refuse) return reject(550, '5.7.1', 'Go away'); } })],
+  });
+  t.after(() => gw.close());
+  const c = await RawClient.connect(gw.port);
+  assert.equal((await c.reply()).code, 554);
+  await c.waitClosed();
+  refuse = false;
+  const d = await ehlo(gw.port);
+  for (let i = 0; i < 3; i++) await d.cmd('RCPT TO:<x@example.test>');
+  await d.waitClosed();
+  const ends = await waitFor('two connection lines', () => {
+    const got = lines.filter((l) => l.event === 'connection');
+    return got.length >= 2 ? got : undefined;
+  });
+  assert.deepEqual(ends.map((l) => l.end), ['refused', 'too-many-errors']);
 });
