@@ -537,7 +537,11 @@ export function createGateway(options: GatewayOptions): Gateway {
           };
           gs.chain.close().then(
             () => channels.close.publish(end),
-            (err: unknown) => channels.error.publish({ sessionId: session.id, error: err }),
+            (err: unknown) => {
+              channels.error.publish({ sessionId: session.id, error: err });
+              // The session ended all the same: every connect has its close.
+              channels.close.publish(end);
+            },
           );
         }
       },
