@@ -31,6 +31,7 @@ import type { OpenResult, Request, RunResult } from './load.js';
 import { buildMessage, wireData } from './message.js';
 import { concat, intArg, percentile, spread, type Spread } from './stats.js';
 import { BASELINE, GATEWAY, TARGETS, startTarget, type Target, type TargetName } from './targets.js';
+import { enableLogging, enableMetrics } from '../lib/observe/index.js';
 
 // ---------------------------------------------------------------- options
 
@@ -48,6 +49,7 @@ const OPTIONS = {
   'maildir-dir': { type: 'string' },
   timeout: { type: 'string', default: '600' },
   json: { type: 'boolean', default: false },
+  observe: { type: 'boolean', default: false },
   help: { type: 'boolean', short: 'h', default: false },
 } as const;
 
@@ -76,6 +78,7 @@ if (args.help) {
       '  --maildir-dir DIR   where the maildir target writes (default os.tmpdir())',
       '  --timeout SECONDS   watchdog for the whole run (default 600)',
       '  --json              machine-readable output only',
+      '  --observe           enableLogging (to /dev/null) and enableMetrics for the whole run (compare its ratios with a run without)',
       '',
     ].join('\n'),
   );
@@ -97,6 +100,7 @@ const opts = {
   timeoutS: int('timeout', args.timeout, 1),
   json: args.json,
   maildirDir: args['maildir-dir'],
+  observe: args.observe,
 };
 const targetNames = (args.targets ?? '').split(',').filter(Boolean) as TargetName[];
 for (const t of targetNames) {
@@ -369,6 +373,9 @@ async function main(): Promise<void> {
   log(`bench: ${machine.cpus} CPUs (${machine.cpuModel}), node ${machine.node}; targets ${targetNames.join(', ')}`);
   if (!withBaseline) log(`bench: ${BASELINE} not among the targets: no ratios`);
 
+  // Logs and metrics are process-wide subscribers: they weigh on every gateway target of the run.
+  const observing = opts.observe ? { logging: enableLogging({ destination: '/dev/null', sync: false }), metrics: enableMetrics() } : undefined;
+  if (observing) log('bench: logging (pino to /dev/null) and metrics (prom-client) enabled');
   const targets: Target[] = [];
   const load = new Load();
   let failed: unknown;
@@ -392,6 +399,8 @@ async function main(): Promise<void> {
     await load.call({ op: 'close' }).catch(() => undefined);
     await load.worker.terminate();
     for (const t of targets) await t.close().catch((err: unknown) => (failed ??= err));
+    observing?.logging.close();
+    observing?.metrics.close();
   }
   if (failed) {
     process.stderr.write(`bench failed: ${failed instanceof Error ? failed.message : String(failed)}\n`);

@@ -80,6 +80,10 @@ export { dovecotAuth, DEFAULT_DOVECOT_AUTH_TIMEOUT } from './auth/dovecot.js';
 export type { DovecotAuthOptions, DovecotAuthenticator } from './auth/dovecot.js';
 export type { ErrorCode } from './errors.js';
 export { Channels } from './diagnostics.js';
+export type {
+  ClientFacts, ConnectEvent, CloseEvent, SessionEnd, MilterDecision, TransactionRecipient, TransactionResult, TransactionOutcome,
+  TransactionEvent, DeliveryRecipientResult, DeliveryEvent, MilterCallEvent, DnsEvent,
+} from './diagnostics.js';
 export type { SpoolOptions } from './message/spool.js';
 
 // The Sendmail milter protocol, both sides.
@@ -113,3 +117,7 @@ export type { DsnInput, DsnRecipient, DsnAction, Notify } from './delivery/dsn.j
 // A worker per core (node:cluster): the primary delivers, the workers serve SMTP.
 export { startWorkerPool, workerChannel } from './cluster.js';
 export type { WorkerPool, WorkerPoolOptions, WorkerPoolEvent, WorkerChannel } from './cluster.js';
+
+// Logs (pino) and metrics (prom-client) from the diagnostics channels: off unless enabled.
+export { enableLogging, enableMetrics, serveMetrics } from './observe/index.js';
+export type { Logging, LoggingOptions, Metrics, MetricsOptions, MetricsServer, MetricsServerOptions } from './observe/index.js';

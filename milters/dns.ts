@@ -11,6 +11,27 @@
 import { Resolver } from 'node:dns/promises';
 import { Address4, Address6 } from 'ip-address';
 import { LRUCache } from 'lru-cache';
+import { channels, type DnsEvent } from '../lib/diagnostics.js';
+
+/** Resolvers made by cachingResolver: their queries are timed there, on a cache miss. */
+const timedResolvers = new WeakSet<DnsResolver>();
+
+/**
+ * Publishes one DNS query's time and outcome on `Channels.dns` (only while something
+ * subscribes) and returns the query's promise as it is.
+ */
+export function timedQuery<T>(query: Promise<T>, name: string, rrtype: string): Promise<T> {
+  if (!channels.dns.hasSubscribers) return query;
+  const t0 = performance.now();
+  const publish = (outcome: DnsEvent['outcome']): void => {
+    channels.dns.publish({ name, rrtype, outcome, durationMs: performance.now() - t0 } satisfies DnsEvent);
+  };
+  query.then(
+    () => publish('ok'),
+    (err: unknown) => publish(isNotFound(err) ? 'notfound' : 'error'),
+  );
+  return query;
+}
 
 /** An address record with its TTL in seconds, as node:dns gives it with `{ ttl: true }`. */
 export interface AddressWithTtl {
@@ -117,13 +138,13 @@ export function normalizeDomain(domain: string): string | undefined {
 export function cachingResolver(resolver: DnsResolver, options: { readonly ttl: number; readonly max: number }): DnsResolver {
   type Settled = { ok: true; value: unknown } | { ok: false; error: unknown };
   const cache = new LRUCache<string, Promise<Settled>>({ max: options.max, ttl: options.ttl });
-  return {
-    resolve4: (hostname, opts) => resolver.resolve4(hostname, opts),
+  const caching: DnsResolver = {
+    resolve4: (hostname, opts) => timedQuery(resolver.resolve4(hostname, opts), hostname, 'A'),
     async resolve(hostname: string, rrtype: string): Promise<unknown> {
       const key = `${rrtype.toUpperCase()} ${hostname.toLowerCase()}`;
       let p = cache.get(key);
       if (!p) {
-        p = resolver.resolve(hostname, rrtype).then(
+        p = timedQuery(resolver.resolve(hostname, rrtype), hostname, rrtype.toUpperCase()).then(
           (value): Settled => ({ ok: true, value }),
           (error: unknown): Settled => ({ ok: false, error }),
         );
@@ -137,6 +158,8 @@ export function cachingResolver(resolver: DnsResolver, options: { readonly ttl: 
       return structuredClone(s.value);
     },
   };
+  timedResolvers.add(caching);
+  return caching;
 }
 
 /** The function form mailauth takes as `resolver`: `(name, rrtype) => records`. */
@@ -163,7 +186,8 @@ export function mailauthResolver(resolver: DnsResolver, timeout?: number): Maila
     const key = `${type} ${name.toLowerCase()}`;
     let p = memo.get(key);
     if (!p) {
-      const q = resolver.resolve(name, type);
+      const asked = resolver.resolve(name, type);
+      const q = timedResolvers.has(resolver) ? asked : timedQuery(asked, name, type);
       p = (timeout === undefined ? q : withTimeout(q, timeout, name)).then(
         (value): Settled => ({ ok: true, value }),
         (error: unknown): Settled => ({ ok: false, error }),

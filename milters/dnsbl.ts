@@ -33,7 +33,7 @@ import {
   type MilterTimeouts,
   type SessionContext,
 } from '../lib/index.js';
-import { defaultResolver, isNotFound, normalizeDomain, reverseName, withTimeout, type DnsResolver } from './dns.js';
+import { defaultResolver, isNotFound, normalizeDomain, reverseName, timedQuery, withTimeout, type DnsResolver } from './dns.js';
 import { isRoleAddress } from './postmaster.js';
 
 /** One client-IP list, as an object. */
@@ -296,7 +296,7 @@ export function dnsbl(options: DnsblOptions = {}): Milter {
     const r = resolver;
     p = (async (): Promise<Answer> => {
       try {
-        const records = await withTimeout(r.resolve4(qname, { ttl: true }), timeout, qname);
+        const records = await withTimeout(timedQuery(r.resolve4(qname, { ttl: true }), qname, 'A'), timeout, qname);
         const answer: Answer = { kind: 'found', addresses: records.map((x) => x.address) };
         const ttl = Math.min(maxTtl, Math.min(...records.map((x) => x.ttl)) * 1000);
         if (cache && ttl > 0) cache.set(qname, answer, { ttl });

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // The README's first command (`npm start`): installs and builds if needed, then runs a
 // gateway on 127.0.0.1:2525 (HOST / PORT to change) with the default milter chain,
-// delivering into ./var/mail, and says how to send it a message.
+// delivering into ./var/mail, says how to send it a message, and logs to stdout.
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { ensureSetup, repoRoot } from './setup.mjs';
@@ -31,7 +31,11 @@ Then look at:
   ls ${root}/bob@example.test/new/
 
 Ctrl-C stops it (messages in flight are finished first).
+The log follows: one JSON line per connection, transaction and delivery attempt
+(fields in docs/operations.md#log-lines).
 `);
+const { enableLogging } = await import(new URL('../dist/lib/index.js', import.meta.url).href);
+const logging = enableLogging();
 
 let stopping = false;
 for (const signal of ['SIGINT', 'SIGTERM']) {
@@ -40,6 +44,7 @@ for (const signal of ['SIGINT', 'SIGTERM']) {
     stopping = true;
     console.log('\nclosing: finishing messages in flight ...');
     qs.close().then(() => {
+      logging.close();
       console.log('closed');
       process.exit(0);
     });

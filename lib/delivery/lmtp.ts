@@ -124,7 +124,9 @@ export function lmtp(options: LmtpOptions): LmtpTransport {
   return Object.freeze({
     name: 'lmtp',
     async deliver(envelope: DeliveryEnvelope, message: MessageSource): Promise<RecipientResult[]> {
-      return (await pool.attempt(envelope, message)).results;
+      const got = await pool.attempt(envelope, message);
+      // For logs: which mailstore answered (only when it was reached).
+      return got.reached ? got.results.map((r) => ({ ...r, relay: where })) : got.results;
     },
     verifyRecipient: (envelope: { readonly queueId: string; readonly sender: EnvelopeAddress }, recipient: EnvelopeAddress) => pool.verifyRecipient(envelope, recipient, verify),
     close: () => pool.close(),

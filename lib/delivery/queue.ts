@@ -33,7 +33,8 @@ import { link, mkdir, open, readdir, readFile, rename, stat, unlink } from 'node
 import os from 'node:os';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
-import { channels } from '../diagnostics.js';
+import { channels, type DeliveryEvent } from '../diagnostics.js';
+import { transportOf } from './routes.js';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import type { EnvelopeAddress } from '../milter/types.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
@@ -766,6 +767,7 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
     };
     const source: MessageSource = { size: s.size, stream: () => createReadStream(msgPath(s.id)) };
     const via = s.kind === 'dsn' ? bounce : transport;
+    const t0 = channels.delivery.hasSubscribers ? performance.now() : undefined;
     let results: readonly RecipientResult[];
     try {
       results = await via.deliver(envelope, source);
@@ -809,6 +811,31 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
       results: indexes.map((i) => ({ address: next.recipients[i]!.address, status: next.recipients[i]!.status, reply: loadReply(next.recipients[i]!.reply), expired: next.recipients[i]!.expired === true })),
       ...(pending(next) > 0 ? { nextAttempt: next.nextAttempt } : {}),
     });
+    if (t0 !== undefined && channels.delivery.hasSubscribers) {
+      channels.delivery.publish({
+        queueId: s.id,
+        sessionId: undefined,
+        source: 'queue',
+        kind: s.kind,
+        attempt: next.attempts,
+        transport: via.name,
+        results: indexes.map((i, k) => {
+          const r = next.recipients[i]!;
+          const relay = results[k]?.relay;
+          return {
+            recipient: r.address,
+            status: r.status,
+            reply: loadReply(r.reply) ?? LOCAL_ERROR,
+            transport: transportOf(via, r.address),
+            ...(typeof relay === 'string' ? { relay } : {}),
+            ...(r.expired ? { expired: true } : {}),
+          };
+        }),
+        arrival: s.arrival,
+        durationMs: performance.now() - t0,
+        ...(pending(next) > 0 ? { nextAttempt: next.nextAttempt } : {}),
+      } satisfies DeliveryEvent);
+    }
   }
 
   /** Everything an entry needs now: pending reports, an attempt if due (or forced), removal when done. */

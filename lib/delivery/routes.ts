@@ -139,3 +139,8 @@ export function routes(table: RouteTable): RoutingTransport {
 export function isRouting(t: Transport): t is RoutingTransport {
   return typeof (t as Partial<RoutingTransport>).route === 'function' && typeof (t as Partial<RoutingTransport>).isOutbound === 'function';
 }
+
+/** The name of the transport `address` goes to: the routed one for a routes() table (for logs). */
+export function transportOf(t: Transport, address: string): string {
+  return isRouting(t) ? (t.route(address)?.name ?? t.name) : t.name;
+}

@@ -232,7 +232,9 @@ export function smtp(options: SmtpOptions = {}): SmtpTransport {
         const attempt = await poolFor(host).attempt(envelope, message);
         if (attempt.reached) {
           dead.delete(key);
-          return attempt.results;
+          // For logs: which host answered (Postfix's relay=host[address]:port).
+          const relay = `${host.name}[${host.address}]:${host.port}`;
+          return attempt.results.map((r) => ({ ...r, relay }));
         }
         last = attempt.results;
       }

@@ -31,6 +31,11 @@ export interface RecipientResult {
   readonly status: DeliveryStatus;
   /** The mailstore's reply (or the transport's own, for local failures). */
   readonly reply: SmtpReply;
+  /**
+   * Who gave the reply, for logs: the next hop as `host[address]:port` (smtp()), the
+   * mailstore as `host:port` or `unix:/path` (lmtp()). Absent when the transport does not say.
+   */
+  readonly relay?: string;
 }
 
 /** A delivery transport (maildir(), lmtp(), smtp(), routes(), or your own). */

@@ -24,11 +24,11 @@
  * It deliberately does not: decide relaying (relayControl does, at RCPT), or retry
  * anything itself (the queue does).
  */
-import { channels } from '../diagnostics.js';
+import { channels, type DeliveryEvent } from '../diagnostics.js';
 import { DovetailError, ErrorCodes, isNoStorage } from '../errors.js';
 import { formatHeader, type MessageState } from '../milter/message.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
-import { isRouting } from '../delivery/routes.js';
+import { isRouting, transportOf } from '../delivery/routes.js';
 import type { DeferredQueue, DeliveryEnvelope, MessageSource, RecipientResult, Transport } from '../delivery/types.js';
 
 /** Where handed-off messages go. */
@@ -38,6 +38,8 @@ export interface HandoffConfig {
   readonly quarantine: Transport;
   /** Required when any recipient can be routed outbound (createGateway checks that). */
   readonly queue: DeferredQueue | undefined;
+  /** Epoch ms the transaction began (MAIL FROM), for the delivery event's delays. */
+  readonly arrival?: number;
 }
 
 /** What the client is told, and what became of each recipient (undefined: queued, not yet tried). */
@@ -83,17 +85,32 @@ export function mayRouteOutbound(delivery: Transport): boolean {
 }
 
 /** Runs a transport; a throw or a wrong number of results defers every recipient (reported on the error channel). */
-async function deliverSafely(t: Transport, envelope: DeliveryEnvelope, source: MessageSource, sessionId: string): Promise<RecipientResult[]> {
+async function deliverSafely(t: Transport, envelope: DeliveryEnvelope, source: MessageSource, sessionId: string, kind: 'message' | 'quarantine', arrival: number | undefined): Promise<RecipientResult[]> {
+  const t0 = channels.delivery.hasSubscribers ? performance.now() : undefined;
+  let results: RecipientResult[];
   try {
-    const results = await t.deliver(envelope, source);
+    results = await t.deliver(envelope, source);
     if (!Array.isArray(results) || results.length !== envelope.recipients.length) {
       throw new DovetailError(ErrorCodes.DELIVERY_FAILED, `transport ${t.name} returned ${Array.isArray(results) ? results.length : 'no'} results for ${envelope.recipients.length} recipients`);
     }
-    return results;
   } catch (err) {
     channels.error.publish({ sessionId, queueId: envelope.queueId, error: err });
-    return envelope.recipients.map((r) => ({ recipient: r.address, status: 'deferred', reply: INTERNAL }));
+    results = envelope.recipients.map((r) => ({ recipient: r.address, status: 'deferred', reply: INTERNAL }));
   }
+  if (t0 !== undefined && channels.delivery.hasSubscribers) {
+    channels.delivery.publish({
+      queueId: envelope.queueId,
+      sessionId,
+      source: 'gateway',
+      kind,
+      attempt: 1,
+      transport: t.name,
+      results: results.map((r) => ({ ...r, transport: transportOf(t, r.recipient) })),
+      arrival: arrival ?? Date.now(),
+      durationMs: performance.now() - t0,
+    } satisfies DeliveryEvent);
+  }
+  return results;
 }
 
 /** Hands a finished message on (see the file header) and returns the reply for the client. */
@@ -101,7 +118,7 @@ export async function handoff(sessionId: string, queueId: string, state: Message
   const envelope: DeliveryEnvelope = { queueId, sender: state.sender, recipients: state.recipients };
   if (state.quarantine !== undefined) {
     state.headers.unshift(formatHeader('X-Dovetail-Quarantine', state.quarantine));
-    const results = await deliverSafely(config.quarantine, envelope, state.source(), sessionId);
+    const results = await deliverSafely(config.quarantine, envelope, state.source(), sessionId, 'quarantine', config.arrival);
     return { ...summarize(results, queueId), results, queued: false };
   }
   const outbound = envelope.recipients.map((r) => isOutbound(config.delivery, r.address));
@@ -109,7 +126,7 @@ export async function handoff(sessionId: string, queueId: string, state: Message
   const results: (RecipientResult | undefined)[] = envelope.recipients.map(() => undefined);
   if (local.length > 0) {
     const sub: DeliveryEnvelope = { ...envelope, recipients: local.map((i) => envelope.recipients[i]!) };
-    const got = await deliverSafely(config.delivery, sub, state.source(), sessionId);
+    const got = await deliverSafely(config.delivery, sub, state.source(), sessionId, 'message', config.arrival);
     local.forEach((i, k) => (results[i] = got[k]));
   }
   if (local.length === envelope.recipients.length) {

@@ -12,7 +12,7 @@
  * turns its outcomes into replies.
  */
 import { DovetailError, ErrorCodes } from '../errors.js';
-import { channels } from '../diagnostics.js';
+import { channels, type MilterCallEvent, type MilterDecision } from '../diagnostics.js';
 import { CONTENT_STAGES, type Stage } from './stages.js';
 import { validateMilter } from './define.js';
 import {
@@ -120,6 +120,32 @@ function scoreView(entries: ScoreEntry[], milter: string): Score {
  * taken for a handler that threw or timed out (its edits are dropped).
  */
 type Resolved = (Verdict & { readonly failed?: true }) | { readonly type: 'failed-quarantine'; readonly reason: string; readonly failed: true };
+
+/**
+ * The handler calls of one milter's header or body stage for one message, summed into one
+ * `milterCall` event (a message may have thousands of headers). Made only while the
+ * channel has subscribers.
+ */
+class CallSum {
+  private ms = 0;
+  private calls = 0;
+  private last = 'continue';
+
+  static start(): CallSum | undefined {
+    return channels.milterCall.hasSubscribers ? new CallSum() : undefined;
+  }
+
+  add(ms: number, verdict: string): void {
+    this.ms += ms;
+    this.calls++;
+    this.last = verdict;
+  }
+
+  publish(sessionId: string, queueId: string, milter: string, stage: Stage): void {
+    if (this.calls === 0 || !channels.milterCall.hasSubscribers) return;
+    channels.milterCall.publish({ sessionId, queueId, milter, stage, verdict: this.last, durationMs: this.ms, calls: this.calls } satisfies MilterCallEvent);
+  }
+}
 
 /** An ordered, validated list of milters; one {@link ChainSession} per SMTP session. */
 export class MilterChain {
@@ -284,6 +310,7 @@ export class ChainSession {
     stage: Stage,
     run: MessageRun | undefined,
     call: (ctx: SessionContext) => Promise<unknown> | undefined,
+    sum?: CallSum,
   ): Promise<Resolved> {
     const t = m.timeouts ?? {};
     const o = this.chain.options.timeouts ?? {};
@@ -293,6 +320,14 @@ export class ChainSession {
     let ac: AbortController | undefined;
     const signal = (): AbortSignal => (ac ??= new AbortController()).signal;
     let timer: NodeJS.Timeout | undefined;
+    // Timed only when someone listens (logs, metrics): a gateway nobody watches reads no clock.
+    const timed = run?.decisions !== undefined || channels.milterCall.hasSubscribers;
+    const t0 = timed ? performance.now() : 0;
+    const took = (): number => {
+      const ms = timed ? performance.now() - t0 : 0;
+      if (run?.decisions) run.milterMs += ms;
+      return ms;
+    };
     try {
       const result = await new Promise<unknown>((resolve, reject) => {
         timer = setTimeout(
@@ -309,8 +344,22 @@ export class ChainSession {
       if (!ALLOWED[stage].has(v.type)) {
         throw new DovetailError(ErrorCodes.INVALID_VERDICT, `milter ${m.name} answered ${v.type} at ${stage}, which that stage does not allow`);
       }
+      const durationMs = took();
+      if (sum) sum.add(durationMs, v.type);
+      else if (channels.milterCall.hasSubscribers) {
+        channels.milterCall.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, verdict: v.type, durationMs, calls: 1 } satisfies MilterCallEvent);
+      }
       if (v.type !== 'continue') {
-        channels.verdict.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, verdict: v });
+        channels.verdict.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, verdict: v, durationMs });
+        if (run?.decisions && v.type !== 'skip') {
+          run.decisions.push({
+            milter: m.name,
+            stage,
+            verdict: v.type,
+            ...(v.type === 'reject' || v.type === 'tempfail' ? { reply: v.reply } : {}),
+            ...(v.type === 'quarantine' ? { reason: v.reason } : {}),
+          });
+        }
       }
       return v;
     } catch (err) {
@@ -318,7 +367,13 @@ export class ChainSession {
       const error =
         err instanceof DovetailError ? err : new DovetailError(ErrorCodes.MILTER_FAILED, `milter ${m.name} failed at ${stage}`, { cause: err });
       const action = stage === 'abort' || stage === 'close' ? 'none' : (m.defaultAction ?? 'tempfail');
-      channels.milterError.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, error, action });
+      const durationMs = took();
+      if (sum) sum.add(durationMs, 'error');
+      else if (channels.milterCall.hasSubscribers) {
+        channels.milterCall.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, verdict: 'error', durationMs, calls: 1 } satisfies MilterCallEvent);
+      }
+      channels.milterError.publish({ sessionId: this.facts.sessionId, queueId: run?.queueId, milter: m.name, stage, error, action, durationMs });
+      run?.decisions?.push({ milter: m.name, stage, verdict: action, error: error.code });
       switch (action) {
         case 'none':
           return { type: 'continue', failed: true };
@@ -348,6 +403,14 @@ export class MessageRun {
   quarantine: string | undefined;
   /** A milter discarded the message: no more stages; the client is told 250. */
   discarded = false;
+  /**
+   * @internal The milters' decisions (verdicts other than continue, default actions) and the
+   * time spent in handlers, for the transaction event; kept only when the gateway asks
+   * ({@link MessageRun.observe}: someone subscribes to it).
+   */
+  decisions: MilterDecision[] | undefined;
+  /** @internal Milliseconds spent in this message's milter handlers (when observed). */
+  milterMs = 0;
   private done = false;
 
   constructor(
@@ -358,6 +421,11 @@ export class MessageRun {
     this.active = new Set(session.active);
     this.scoreEntries = [...session.scoreEntries];
     this.quarantine = session.quarantine;
+  }
+
+  /** @internal Starts keeping decisions and milter time for the transaction event. */
+  observe(): void {
+    this.decisions ??= [];
   }
 
   private extend = (base: SessionContext): MessageContext =>
@@ -429,11 +497,17 @@ export class MessageRun {
     };
 
     if (m.header) {
-      for (let i = 0; i < headers.length; i++) {
-        const h = headers[i] as HeaderField;
-        const r = settle(await s.invoke(m, 'header', this, (base) => m.header?.(content(base, i + 1), h)));
-        if (r === 'next') return undefined;
-        if (r) return r;
+      // One milterCall event for a milter's whole header stage, not one per header.
+      const sum = CallSum.start();
+      try {
+        for (let i = 0; i < headers.length; i++) {
+          const h = headers[i] as HeaderField;
+          const r = settle(await s.invoke(m, 'header', this, (base) => m.header?.(content(base, i + 1), h), sum));
+          if (r === 'next') return undefined;
+          if (r) return r;
+        }
+      } finally {
+        sum?.publish(s.facts.sessionId, this.queueId, m.name, 'header');
       }
     }
     if (m.eoh) {
@@ -442,12 +516,18 @@ export class MessageRun {
       if (r) return r;
     }
     if (m.body) {
-      for await (const chunk of state.body.stream(BODY_CHUNK_SIZE)) {
-        const v = await s.invoke(m, 'body', this, (base) => m.body?.(content(base, headers.length), chunk as Buffer));
-        if (v.type === 'skip') break;
-        const r = settle(v);
-        if (r === 'next') return undefined;
-        if (r) return r;
+      // One milterCall event for a milter's whole body stage, not one per chunk.
+      const sum = CallSum.start();
+      try {
+        for await (const chunk of state.body.stream(BODY_CHUNK_SIZE)) {
+          const v = await s.invoke(m, 'body', this, (base) => m.body?.(content(base, headers.length), chunk as Buffer), sum);
+          if (v.type === 'skip') break;
+          const r = settle(v);
+          if (r === 'next') return undefined;
+          if (r) return r;
+        }
+      } finally {
+        sum?.publish(s.facts.sessionId, this.queueId, m.name, 'body');
       }
     }
     if (m.eom) {

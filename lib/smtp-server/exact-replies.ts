@@ -16,12 +16,12 @@ import { formatReply, type SmtpReply } from '../milter/verdict.js';
 const MARK = '\u0001dovetail-reply:';
 
 /** An Error for an smtp-server callback that makes the client see exactly `reply`. */
-export function replyError(reply: SmtpReply): Error & { responseCode: number } {
-  return Object.assign(new Error(MARK + formatReply(reply)), { responseCode: reply.code });
+export function replyError(reply: SmtpReply): Error & { responseCode: number; reply: SmtpReply } {
+  return Object.assign(new Error(MARK + formatReply(reply)), { responseCode: reply.code, reply });
 }
 
 /** True for an Error made by {@link replyError} (a deliberate reply, not a failure). */
-export function isReplyError(err: unknown): err is Error & { responseCode: number } {
+export function isReplyError(err: unknown): err is Error & { responseCode: number; reply: SmtpReply } {
   return err instanceof Error && err.message.startsWith(MARK);
 }
 

@@ -15,6 +15,7 @@
 import type { SMTPServerSession } from 'smtp-server';
 import { ExactConnection, markedReply } from '../smtp-server/exact-replies.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
+import type { SessionEnd } from '../diagnostics.js';
 
 /** AUTH on a listener that has none. */
 export const AUTH_NOT_ENABLED = smtpReply(503, '5.5.1', 'Error: authentication not enabled');
@@ -37,10 +38,25 @@ export class GatewayConnection extends ExactConnection {
   /** Counts every 4xx/5xx reply but the 421 that closes the connection, and closes at the hard limit. */
   override send(code: number, data?: string | string[] | null, context?: string | false): void {
     super.send(code, data, context);
+    // How the session ends, for the close event: the first reply that ends it wins.
+    if (code === 221) this.ending('quit');
+    else if (code === 421 && typeof data === 'string' && data.startsWith('Timeout')) this.ending('timeout');
+    else if (code === 421) this.ending('shutdown');
     if (code >= 400 && code !== 421 && ++this.errors >= this.errorLimits.hard) {
+      this.ending('too-many-errors');
       // smtp-server closes the connection after a 421.
       super.send(421, this.tooManyErrors, false);
     }
+  }
+
+  /** Records why the session ends (the first reason given stays); read with {@link sessionEnd}. */
+  ending(end: SessionEnd): void {
+    if (this.session && !ends.has(this.session)) ends.set(this.session, end);
+  }
+
+  override _onError(err: Error): void {
+    this.ending('error');
+    super._onError(err);
   }
 
 
@@ -114,6 +130,13 @@ export class GatewayConnection extends ExactConnection {
       () => super._onCommand(command, callback),
     );
   }
+}
+
+const ends = new WeakMap<object, SessionEnd>();
+
+/** Why a session ended, when its connection said (QUIT, timeout, error limit, socket error, or as marked); else undefined (the client closed). */
+export function sessionEnd(session: SMTPServerSession): SessionEnd | undefined {
+  return ends.get(session);
 }
 
 const HTTP_METHODS = new Set(['OPTIONS', 'GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'TRACE', 'CONNECT']);

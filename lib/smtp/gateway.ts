@@ -33,7 +33,7 @@ import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import { adoptConnection, isReplyError, replyError, type ConnectionOptions } from '../smtp-server/exact-replies.js';
 import { DovetailError, ErrorCodes, isNoStorage } from '../errors.js';
-import { channels } from '../diagnostics.js';
+import { channels, type CloseEvent } from '../diagnostics.js';
 import { ChainSession, MilterChain, type MessageRun, type SessionFacts, type StageOutcome } from '../milter/chain.js';
 import { formatHeader, MessageState, spoolBody, type StoredHeader } from '../milter/message.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
@@ -43,7 +43,8 @@ import { isRouting } from '../delivery/routes.js';
 import { handoff } from '../handoff/handoff.js';
 import { authHandler } from './auth.js';
 import { memoryAnvil, type Anvil } from './anvil.js';
-import { GatewayConnection } from './connection.js';
+import { GatewayConnection, sessionEnd } from './connection.js';
+import { TransactionRecord, type TransactionSession } from './transaction.js';
 import { ingest, type IngestProblem } from './ingest.js';
 import { validateOptions, type CloseOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
 import { newQueueId, receivedValue } from './received.js';
@@ -83,6 +84,24 @@ interface GatewaySession {
   heloRefusal: SmtpReply | undefined;
   /** Failed AUTH attempts on this connection. */
   authFailures: number;
+  /** For the close event: when it began, transactions begun and accepted, a refused greeting. */
+  readonly started: number;
+  transactions: number;
+  accepted: number;
+  refused: boolean;
+  /** The transaction being recorded for the transaction event (only while someone subscribes). */
+  tx: TransactionRecord | undefined;
+}
+
+/** The session facts the transaction event repeats. */
+function txSession(gs: GatewaySession, session: SMTPServerSession): TransactionSession {
+  return {
+    sessionId: gs.facts.sessionId,
+    listener: gs.listener.name,
+    client: gs.facts.client,
+    helo: gs.facts.helo ?? (session.hostNameAppearsAs || undefined),
+    user: session.user ? String(session.user.username ?? session.user) : undefined,
+  };
 }
 
 /** Creates a gateway (call listen() to start it). */
@@ -147,12 +166,16 @@ export function createGateway(options: GatewayOptions): Gateway {
       releases.set(session, got.release);
     }
     const facts = sessionFacts(session, hostname, listener.name);
-    const gs: GatewaySession = { listener, facts, chain: listener.chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0 };
+    const gs: GatewaySession = {
+      listener, facts, chain: listener.chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0,
+      started: Date.now(), transactions: 0, accepted: 0, refused: false, tx: undefined,
+    };
     sessions.set(session, gs);
-    channels.connect.publish({ sessionId: session.id, client: facts.client });
+    channels.connect.publish({ sessionId: session.id, client: facts.client, listener: listener.name });
     const out = await gs.chain.connect();
     const reply = refusal(out);
     if (reply) {
+      gs.refused = true;
       // A refused greeting: 554 for a reject, 421 for a tempfail (RFC 5321 3.1), with the milter's text.
       const code = out.type === 'tempfail' ? 421 : 554;
       throw replyError(smtpReply(code, `${String(code)[0]}${reply.enhanced.slice(1)}`, reply.lines));
@@ -180,6 +203,23 @@ export function createGateway(options: GatewayOptions): Gateway {
   async function onMailFrom(from: SMTPServerAddress, session: SMTPServerSession): Promise<void> {
     const gs = sessions.get(session);
     if (!gs) throw replyError(REPLIES.internal);
+    // A transaction left without DATA (RSET, or MAIL FROM again) ends here.
+    gs.tx?.end(txSession(gs, session), undefined);
+    gs.tx = undefined;
+    try {
+      await mailFrom(gs, from, session);
+    } catch (err) {
+      // A refusal ends the transaction (with no queue id when it came before one was given).
+      if (channels.transaction.hasSubscribers) {
+        const tx = gs.tx ?? new TransactionRecord(undefined, from.address, undefined);
+        tx.end(txSession(gs, session), isReplyError(err) ? err.reply : REPLIES.internal);
+      }
+      gs.tx = undefined;
+      throw err;
+    }
+  }
+
+  async function mailFrom(gs: GatewaySession, from: SMTPServerAddress, session: SMTPServerSession): Promise<void> {
     if (closing) throw replyError(REPLIES.closing);
     // Submission: nothing before AUTH. Checked here, not left to smtp-server, whose own check
     // is skipped on a connection where AUTH is not (yet) available (ours: before TLS).
@@ -206,6 +246,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       m['{auth_authen}'] = gs.facts.auth.user;
     }
     const run = await gs.chain.begin(queueId, sender);
+    gs.transactions++;
+    if (channels.transaction.hasSubscribers) gs.tx = new TransactionRecord(queueId, sender.address, run);
     const reply = refusal(await run.mail());
     if (reply) {
       await run.abort();
@@ -223,10 +265,14 @@ export function createGateway(options: GatewayOptions): Gateway {
     m['{rcpt_addr}'] = rcpt.address;
     m['{rcpt_host}'] = domainOf(rcpt.address);
     m['{rcpt_mailer}'] = 'smtp';
+    const refuse = (r: SmtpReply): Error => {
+      gs.tx?.recipients.push({ address: rcpt.address, refused: r });
+      return replyError(r);
+    };
     const reply = refusal(await run.rcpt(rcpt));
-    if (reply) throw replyError(reply);
+    if (reply) throw refuse(reply);
     // A recipient the routing table has no route for is refused now, not bounced later.
-    if (isRouting(options.delivery) && !options.delivery.route(rcpt.address)) throw replyError(REPLIES.noRoute);
+    if (isRouting(options.delivery) && !options.delivery.route(rcpt.address)) throw refuse(REPLIES.noRoute);
     const verify = options.verifyRecipients ? options.delivery.verifyRecipient : undefined;
     if (verify) {
       let answer: SmtpReply | undefined;
@@ -236,9 +282,10 @@ export function createGateway(options: GatewayOptions): Gateway {
         // Verification is advisory: a mailstore that cannot answer now does not refuse mail.
         channels.error.publish({ sessionId: gs.facts.sessionId, queueId: run.queueId, recipient: rcpt.address, error: err });
       }
-      if (answer && answer.code >= 400) throw replyError(answer);
+      if (answer && answer.code >= 400) throw refuse(answer);
     }
     run.accepted(rcpt);
+    gs.tx?.recipients.push({ address: rcpt.address });
   }
 
   async function onData(stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
@@ -249,7 +296,19 @@ export function createGateway(options: GatewayOptions): Gateway {
       await new Promise((r) => stream.once('end', r));
       throw replyError(REPLIES.internal);
     }
-    return receive(gs, run, stream, session);
+    const tx = gs.tx;
+    try {
+      const text = await receive(gs, run, stream, session);
+      gs.accepted++;
+      // smtp-server sends it as 250 2.6.0 (its DATA_OK enhanced code).
+      tx?.end(txSession(gs, session), smtpReply(250, '2.6.0', text));
+      return text;
+    } catch (err) {
+      tx?.end(txSession(gs, session), isReplyError(err) ? err.reply : REPLIES.internal);
+      throw err;
+    } finally {
+      if (gs.tx === tx) gs.tx = undefined;
+    }
   }
 
   async function receive(gs: GatewaySession, run: MessageRun, stream: SMTPServerDataStream, session: SMTPServerSession): Promise<string> {
@@ -328,7 +387,21 @@ export function createGateway(options: GatewayOptions): Gateway {
         return `Ok: queued as ${run.queueId}`;
       }
       if (state.recipients.length === 0) throw replyError(REPLIES.noRecipients);
-      const outcome = await handoff(gs.facts.sessionId, run.queueId, state, { delivery: options.delivery, quarantine: quarantineTransport, queue: options.queue });
+      const tx = gs.tx;
+      const h0 = tx ? performance.now() : 0;
+      const outcome = await handoff(gs.facts.sessionId, run.queueId, state, {
+        delivery: options.delivery,
+        quarantine: quarantineTransport,
+        queue: options.queue,
+        ...(tx ? { arrival: tx.start } : {}),
+      });
+      if (tx) {
+        tx.handoffMs = performance.now() - h0;
+        tx.size = state.size;
+        tx.results = outcome.results.map((r, i) => r ?? { recipient: state?.recipients[i]?.address ?? '', status: 'queued' });
+        tx.queued = outcome.queued;
+        tx.quarantined = state.quarantine !== undefined;
+      }
       channels.message.publish({
         sessionId: gs.facts.sessionId,
         queueId: run.queueId,
@@ -448,9 +521,27 @@ export function createGateway(options: GatewayOptions): Gateway {
         const gs = sessions.get(session);
         sessions.delete(session);
         if (gs) {
+          gs.tx?.end(txSession(gs, session), undefined);
+          gs.tx = undefined;
+          const end: CloseEvent = {
+            sessionId: session.id,
+            client: gs.facts.client,
+            listener: gs.listener.name,
+            helo: gs.facts.helo ?? (session.hostNameAppearsAs || undefined),
+            tls: gs.facts.tls,
+            user: session.user ? String(session.user.username ?? session.user) : undefined,
+            transactions: gs.transactions,
+            accepted: gs.accepted,
+            durationMs: Date.now() - gs.started,
+            end: gs.refused ? 'refused' : (sessionEnd(session) ?? 'disconnect'),
+          };
           gs.chain.close().then(
-            () => channels.close.publish({ sessionId: session.id }),
-            (err: unknown) => channels.error.publish({ sessionId: session.id, error: err }),
+            () => channels.close.publish(end),
+            (err: unknown) => {
+              channels.error.publish({ sessionId: session.id, error: err });
+              // The session ended all the same: every connect has its close.
+              channels.close.publish(end);
+            },
           );
         }
       },
@@ -509,6 +600,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       // Tell every remaining client we are going (send() closes the connection after a 421).
       for (const s of servers) {
         for (const c of s.connections) {
+          (c as GatewayConnection).ending('shutdown');
           c.send(421, `${hostname} Service shutting down, closing transmission channel`);
         }
       }

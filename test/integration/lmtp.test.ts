@@ -119,11 +119,13 @@ describe('gateway → lmtp() → createLmtpServer', () => {
         recipient: 'nobody@example.test',
         status: 'failed',
         reply: { code: 550, enhanced: '5.1.1', lines: ['<nobody@example.test>: User unknown in local recipient table'] },
+        relay: `127.0.0.1:${s.port}`,
       });
       assert.deepEqual(res[2], {
         recipient: 'carol@example.test',
         status: 'failed',
         reply: { code: 552, enhanced: '5.2.2', lines: ['<carol@example.test>: Mailbox full'] },
+        relay: `127.0.0.1:${s.port}`,
       });
       assert.equal((await stored(s.root, 'bob@example.test')).length, 1);
       assert.equal((await stored(s.root, 'carol@example.test')).length, 0);
