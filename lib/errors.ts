@@ -30,6 +30,8 @@ export const ErrorCodes = {
   CLIENT_LIMIT: 'DOVETAIL_ERR_CLIENT_LIMIT',
   /** The authentication backend (dovecotAuth()) could not answer: unreachable, timeout, protocol error, temporary failure. */
   AUTH_UNAVAILABLE: 'DOVETAIL_ERR_AUTH_UNAVAILABLE',
+  /** A queue directory is locked by another live process (createQueue({ lock: true })). */
+  QUEUE_LOCKED: 'DOVETAIL_ERR_QUEUE_LOCKED',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

@@ -105,7 +105,7 @@ export type { MxResolver, NextHop, NextHopHost, Destination } from './delivery/n
 export type { TlsLevel, PoolStats } from './delivery/client.js';
 export { createLmtpServer } from './delivery/lmtp-server.js';
 export type { LmtpServerOptions, LmtpServer } from './delivery/lmtp-server.js';
-export { createQueue, QueueChannels } from './delivery/queue.js';
+export { createQueue, QueueChannels, queueLockHolder } from './delivery/queue.js';
 export type { QueueOptions, DeliveryQueue, QueueEntry, QueuedRecipient } from './delivery/queue.js';
 export { buildDsn, notifyOf, retOf, xtextDecode } from './delivery/dsn.js';
 export type { DsnInput, DsnRecipient, DsnAction, Notify } from './delivery/dsn.js';
