@@ -109,3 +109,20 @@ export { createQueue, QueueChannels, queueLockHolder } from './delivery/queue.js
 export type { QueueOptions, DeliveryQueue, QueueEntry, QueuedRecipient } from './delivery/queue.js';
 export { buildDsn, notifyOf, retOf, xtextDecode } from './delivery/dsn.js';
 export type { DsnInput, DsnRecipient, DsnAction, Notify } from './delivery/dsn.js';
+
+// The config file of the `dovetail` CLI (docs/configuration.md): defineConfig() and its types.
+export { defineConfig } from './cli/schema.js';
+export type {
+  DovetailConfig,
+  ListenerConfig,
+  MilterConfig,
+  BundledMilterConfig,
+  RemoteMilterConfig,
+  ModuleMilterConfig,
+  RouteConfig,
+  DeliveryConfig,
+  QueueConfig,
+  LimitsConfig,
+  AuthenticateConfig,
+} from './cli/schema.js';
+export type { GatewayReconfiguration } from './smtp/options.js';
