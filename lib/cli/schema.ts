@@ -46,6 +46,8 @@ const isMilterObject = (v: unknown): v is Milter =>
 const isTransport = (v: unknown): v is Transport => typeof v === 'object' && v !== null && typeof (v as { deliver?: unknown }).deliver === 'function';
 
 const UNKNOWN_FIELD = 'unknown field';
+/** How nested parts are parsed: inputs reported, our wording of zod's messages. */
+const PARSE = { reportInput: true, error: (issue: z.core.$ZodRawIssue) => defaultMessage(issue) } as const;
 /** Marks an issue whose message says all (no `, got …`). */
 const NO_GOT = { noGot: true } as const;
 
@@ -203,7 +205,7 @@ const milterEntry = z.unknown().transform((v, ctx) => {
   else if ('module' in v) schema = moduleMilterSchema;
   else if (isMilterObject(v)) return v as MilterConfig;
   else return issue('expected a milter: { "use": … }, { "connect": … }, { "module": … } or a Milter object');
-  const r = schema.safeParse(v, { reportInput: true });
+  const r = schema.safeParse(v, PARSE);
   if (!r.success) {
     forward(ctx, r.error.issues, []);
     return z.NEVER;
@@ -274,11 +276,11 @@ const routeEntry = z.unknown().transform((v, ctx) => {
   };
   const s = schemas[kind];
   if (!s) return issue(`expected one of lmtp, maildir, smtp, store, got ${show(kind)}`, [kind]);
-  const r = s.safeParse(value, { reportInput: true });
+  const r = s.safeParse(value, PARSE);
   if (!r.success) {
     // A union's issue says little; parse the object form again for the field-level errors.
     const objectForm = kind === 'lmtp' ? lmtpObject : kind === 'maildir' ? maildirObject : kind === 'smtp' ? smtpObject : undefined;
-    const detail = objectForm && typeof value === 'object' && value !== null ? objectForm.safeParse(value, { reportInput: true }) : undefined;
+    const detail = objectForm && typeof value === 'object' && value !== null ? objectForm.safeParse(value, PARSE) : undefined;
     const issues = detail && !detail.success ? detail.error.issues : r.error.issues;
     forward(ctx, issues, [kind]);
     return z.NEVER;
@@ -289,7 +291,7 @@ const routeEntry = z.unknown().transform((v, ctx) => {
 /** `delivery.lmtp` / `.maildir` / `.smtp`: the value of a one-route table. */
 const routeValue = (kind: 'lmtp' | 'maildir' | 'smtp') =>
   z.unknown().transform((v, ctx) => {
-    const r = routeEntry.safeParse({ [kind]: v }, { reportInput: true });
+    const r = routeEntry.safeParse({ [kind]: v }, PARSE);
     if (!r.success) {
       for (const i of r.error.issues) ctx.addIssue({ code: 'custom', message: i.message, path: i.path.slice(1), input: (i as { input?: unknown }).input });
       return z.NEVER;
@@ -358,7 +360,7 @@ const authenticateSchema = z.unknown().transform((v, ctx) => {
   if (isFunction(v)) return v as AuthenticateConfig;
   const r = z
     .strictObject({ dovecot: z.string({ error: 'expected a socket path or "inet:host:port"' }).refine((d) => d.startsWith('/') || /^(unix|inet6?):/i.test(d), { error: 'expected a socket path ("/run/dovecot/auth-client") or "inet:host:port"' }), service: str.optional(), timeout: millis.optional(), maxConnections: int(1).optional() })
-    .safeParse(v, { reportInput: true });
+    .safeParse(v, PARSE);
   if (!r.success) {
     forward(ctx, r.error.issues, []);
     return z.NEVER;
