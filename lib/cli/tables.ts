@@ -7,7 +7,7 @@
  *
  * Does not: read the binary .db/.lmdb forms, or /etc/aliases syntax (aliases() reads that).
  */
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 
 /** The largest table file read (a config must not make us hold an unbounded file). */
 export const MAX_TABLE_BYTES = 64 * 1024 * 1024;
@@ -39,7 +39,6 @@ export function parseTable(text: string, name: string, multi: boolean): Record<s
 
 /** Reads and parses a table file. */
 export async function readTable(file: string, multi: boolean): Promise<Record<string, string | string[]>> {
-  const buf = await readFile(file);
-  if (buf.length > MAX_TABLE_BYTES) throw new Error(`${file} is larger than ${MAX_TABLE_BYTES} bytes`);
-  return parseTable(buf.toString('utf8'), file, multi);
+  if ((await stat(file)).size > MAX_TABLE_BYTES) throw new Error(`${file} is larger than ${MAX_TABLE_BYTES} bytes`);
+  return parseTable(await readFile(file, 'utf8'), file, multi);
 }
