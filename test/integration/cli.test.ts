@@ -6,11 +6,11 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, writeFile, copyFile } from 'node:fs/promises';
+import { copyFile, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { connectMilter } from '../../lib/index.js';
-import { REPO, runCli, startCli } from '../helpers/cli.js';
+import { REPO, listenPort, runCli, startCli } from '../helpers/cli.js';
 import { ehlo, message, send, split, startGateway, stored } from '../helpers/smtp.js';
 
 async function tempDir(): Promise<string> {
@@ -249,4 +249,26 @@ export const milter: Milter = defineMilter({
   assert.equal(r.code, 1);
   assert.match(r.stderr, /none\.mjs: exports no milter/);
   await rm(dir, { recursive: true, force: true });
+});
+
+test('start: the TS example config (Milter objects, routes to the embedded store) runs from a directory of its own', async () => {
+  const dir = await tempDir();
+  let gw: Awaited<ReturnType<typeof startCli>> | undefined;
+  try {
+    const text = await readFile(path.join(REPO, 'examples/dovetail.config.ts'), 'utf8');
+    assert.match(text, /port: 2525/);
+    await writeFile(path.join(dir, 'dovetail.config.ts'), text.replace('port: 2525', 'port: 0'));
+    gw = await startCli(['start'], dir);
+    const c = await ehlo(listenPort(gw.ready));
+    const r = await send(c, 'alice@sender.test', ['nobody@example.test', 'bob@example.test'], message('ts example'));
+    assert.match(r.rcpt[0]!.text, /^550 5\.1\.1 <nobody@example\.test>: Recipient address rejected/);
+    assert.equal(r.data?.code, 250, r.data?.text);
+    c.end();
+    const [m] = await stored(path.join(dir, 'var/mail'), 'bob@example.test');
+    assert.match(split(m!).headers, /\r\nX-Dovetail: checked by mx\.dovetail\.test \(queue id \S+\)\r\n/);
+    assert.equal(await gw.stop('SIGINT'), 0);
+  } finally {
+    await gw?.stop('SIGKILL');
+    await rm(dir, { recursive: true, force: true });
+  }
 });
