@@ -80,6 +80,13 @@ const queueChannels = {
 export interface QueueOptions {
   /** The queue directory; created (with tmp/ and active/) at start() or the first call. */
   readonly dir: string;
+  /**
+   * Lock the directory against other processes (`<dir>/lock` with our pid) when the queue
+   * first touches it; released by close(). A directory locked by another live process makes
+   * start() (and every other call) reject with `DOVETAIL_ERR_QUEUE_LOCKED`; a stale lock (its
+   * process is gone) is taken over. Default false.
+   */
+  readonly lock?: boolean;
   /** Where retries of deferred recipients go (e.g. the gateway's own lmtp()). */
   readonly transport: Transport;
   /** Where DSNs go, addressed to the original sender (e.g. a smarthost). Default: `transport`. */
@@ -108,13 +115,6 @@ export interface QueueOptions {
   readonly scanInterval?: number;
   /** The time now, ms since the epoch. Default Date.now. */
   readonly clock?: () => number;
-  /**
-   * Lock the directory against other processes (`<dir>/lock` with our pid) when the queue
-   * first touches it; released by close(). A directory locked by another live process makes
-   * start() (and every other call) reject with `DOVETAIL_ERR_QUEUE_LOCKED`; a stale lock (its
-   * process is gone) is taken over. Default false.
-   */
-  readonly lock?: boolean;
 }
 
 /** One recipient of a queue entry, as list() shows it. */
@@ -559,13 +559,11 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
   }
 
   async function load(): Promise<void> {
-    if (options.lock && !releaseLock) {
-      await mkdir(dir, { recursive: true, mode: 0o700 });
-      releaseLock = await lockQueueDir(dir);
-    }
     await mkdir(tmpDir, { recursive: true, mode: 0o700 });
     await mkdir(activeDir, { recursive: true, mode: 0o700 });
     const owned = (name: string): boolean => writing.has(name.split('.')[0] ?? '');
+    // The lock first: recovery below removes files another live process may be writing.
+    if (options.lock && !releaseLock) releaseLock = await lockQueueDir(dir);
     // tmp/: half-written files of a crashed process; nothing there was acknowledged.
     let tmpRemoved = 0;
     for (const name of await readdir(tmpDir)) {

@@ -26,10 +26,12 @@
  * stored, queued on disk, or discarded by a milter.
  */
 import { mkdir } from 'node:fs/promises';
+import { createSecureContext } from 'node:tls';
+import type { GatewayReconfiguration } from './options.js';
 import os from 'node:os';
 import path from 'node:path';
 import type net from 'node:net';
-import tls from 'node:tls';
+import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
 import { adoptConnection, isReplyError, replyError, type ConnectionOptions } from '../smtp-server/exact-replies.js';
 import { DovetailError, ErrorCodes, isNoStorage } from '../errors.js';
@@ -45,12 +47,12 @@ import { authHandler } from './auth.js';
 import { memoryAnvil, type Anvil } from './anvil.js';
 import { GatewayConnection } from './connection.js';
 import { ingest, type IngestProblem } from './ingest.js';
-import { validateOptions, type Gateway, type GatewayOptions, type GatewayReconfiguration, type ListenOptions } from './options.js';
+import { validateOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
 import { newQueueId, receivedValue } from './received.js';
 import { MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
 import { domainOf } from '../delivery/domains.js';
 
-export type { AuthRequest, Gateway, GatewayOptions, GatewayReconfiguration, ListenOptions } from './options.js';
+export type { AuthRequest, Gateway, GatewayOptions, ListenOptions } from './options.js';
 
 const REPLIES = {
   headerTooLarge: smtpReply(552, '5.3.4', 'Error: message header too big'),
@@ -105,37 +107,20 @@ export function createGateway(options: GatewayOptions): Gateway {
       ...chainOptions,
       editLimits: { maxHeaderBytes, maxMessageBytes: sizeLimitOf(milters), maxRecipients: options.maxRecipients ?? 1000, maxEdits: options.maxMilterEdits ?? 1000 },
     });
+  const defaultChain = chainFor(options.milters ?? []);
   /** Each listener's profile: its chain, and the size limit its chain's milters allow. */
-  const profiles = (milters: readonly Milter[], perListener: readonly (readonly Milter[] | undefined)[]): Listener[] => {
-    const defaultChain = chainFor(milters);
-    return listenSpecs.map((spec, i) => {
-      const own = perListener[i];
-      const chain = own === undefined ? defaultChain : chainFor(own);
-      const maxMessageBytes = sizeLimitOf(chain.milters);
-      return {
-        spec,
-        name: spec.name ?? 'dovetail',
-        chain,
-        maxMessageBytes,
-        // RFC 5321 4.5.3.1.10 / RFC 1870: say who refused and what the limit is.
-        tooLarge: smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`),
-      };
-    });
-  };
-  /**
-   * The profiles new connections get; reconfigure() replaces the array (a session keeps the
-   * Listener it started with, so a connection in flight finishes with its old chain).
-   */
-  let defaultMilters: readonly Milter[] = options.milters ?? [];
-  let listenerMilters: readonly (readonly Milter[] | undefined)[] = listenSpecs.map((l) => l.milters);
-  let listeners: Listener[] = profiles(defaultMilters, listenerMilters);
-  /** What AUTH checks with; reconfigure() may replace it (authHandler reads it per attempt). */
-  const auth: Pick<GatewayOptions, 'authenticate' | 'allowInsecureAuth' | 'authFailureDelay' | 'maxAuthFailures'> & { authenticate?: GatewayOptions['authenticate'] } = {
-    ...(options.authenticate ? { authenticate: options.authenticate } : {}),
-    ...(options.allowInsecureAuth !== undefined ? { allowInsecureAuth: options.allowInsecureAuth } : {}),
-    ...(options.authFailureDelay !== undefined ? { authFailureDelay: options.authFailureDelay } : {}),
-    ...(options.maxAuthFailures !== undefined ? { maxAuthFailures: options.maxAuthFailures } : {}),
-  };
+  const listeners: Listener[] = listenSpecs.map((spec) => {
+    const chain = spec.milters === undefined ? defaultChain : chainFor(spec.milters);
+    const maxMessageBytes = sizeLimitOf(chain.milters);
+    return {
+      spec,
+      name: spec.name ?? 'dovetail',
+      chain,
+      maxMessageBytes,
+      // RFC 5321 4.5.3.1.10 / RFC 1870: say who refused and what the limit is.
+      tooLarge: smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`),
+    };
+  });
   const maxHops = options.maxHops ?? 50;
   const DEFAULT_QUARANTINE_ROOT = path.resolve('var/quarantine');
   const quarantineTransport = options.quarantine ?? maildir({ root: DEFAULT_QUARANTINE_ROOT, deliveredTo: false });
@@ -364,16 +349,11 @@ export function createGateway(options: GatewayOptions): Gateway {
     }
   }
 
-  const servers: GatewayServer[] = [];
+  const servers: SMTPServer[] = [];
 
   class GatewayServer extends SMTPServer {
-    constructor(readonly index: number) {
-      super(smtpOptions(index));
-    }
-
-    /** This listener's current profile (what a new connection gets). */
-    get listener(): Listener {
-      return listeners[this.index]!;
+    constructor(readonly listener: Listener) {
+      super(smtpOptions(listener));
     }
 
     override connect(socket: net.Socket | tls.TLSSocket, socketOptions: unknown): void {
@@ -411,8 +391,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       );
     };
 
-  function smtpOptions(index: number): SMTPServerOptions {
-    const listener = listeners[index]!;
+  function smtpOptions(listener: Listener): SMTPServerOptions {
     const tlsMode = options.tls ? (listener.spec.tls ?? 'starttls') : 'none';
     const disabled = [];
     if (tlsMode !== 'starttls') disabled.push('STARTTLS');
@@ -440,7 +419,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       maxRecipients: options.maxRecipients ?? 1000,
       ...(options.tls ? { key: options.tls.key, cert: options.tls.cert } : {}),
       logger: false,
-      onConnect: callbackify((session: SMTPServerSession) => onConnect(listeners[index]!, session)),
+      onConnect: callbackify((session: SMTPServerSession) => onConnect(currentProfile(listener), session)),
       onSecure: (socket, session, cb) => {
         const gs = sessions.get(session);
         if (gs) {
@@ -480,48 +459,69 @@ export function createGateway(options: GatewayOptions): Gateway {
     };
   }
 
+  /**
+   * reconfigure(): the profiles new connections get, in `listeners` order. A session keeps
+   * the Listener it started with, so a connection in flight finishes with its old chain.
+   */
+  let current: readonly Listener[] = listeners;
+  let currentMilters: readonly Milter[] = options.milters ?? [];
+  let currentListenerMilters: readonly (readonly Milter[] | undefined)[] = listenSpecs.map((l) => l.milters);
+  const currentProfile = (l: Listener): Listener => current[listeners.indexOf(l)] ?? l;
+  /** What AUTH checks with; reconfigure() may replace `authenticate` (authHandler reads it per attempt). */
+  const auth: Pick<GatewayOptions, 'allowInsecureAuth' | 'authFailureDelay' | 'maxAuthFailures'> & { authenticate?: NonNullable<GatewayOptions['authenticate']> } = {
+    ...(options.authenticate ? { authenticate: options.authenticate } : {}),
+    ...(options.allowInsecureAuth !== undefined ? { allowInsecureAuth: options.allowInsecureAuth } : {}),
+    ...(options.authFailureDelay !== undefined ? { authFailureDelay: options.authFailureDelay } : {}),
+    ...(options.maxAuthFailures !== undefined ? { maxAuthFailures: options.maxAuthFailures } : {}),
+  };
+
   function reconfigure(changes: GatewayReconfiguration): void {
     const bad = (why: string): never => {
       throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `reconfigure: ${why}`);
     };
-    if (changes.listeners !== undefined && changes.listeners.length !== listenSpecs.length) {
-      bad(`listeners has ${changes.listeners.length} entries, the gateway has ${listenSpecs.length} listeners (changing listeners needs a restart)`);
+    if (changes.listeners !== undefined && changes.listeners.length !== listeners.length) {
+      bad(`listeners has ${changes.listeners.length} entries, the gateway has ${listeners.length} listeners (changing listeners needs a restart)`);
     }
     if (changes.tls !== undefined && (!options.tls || !changes.tls.key || !changes.tls.cert)) bad('tls: needs key and cert, and a gateway created with tls (turning TLS on or off needs a restart)');
     if (changes.authenticate !== undefined && (!options.authenticate || typeof changes.authenticate !== 'function')) {
       bad('authenticate: must be a function, on a gateway created with authenticate (turning AUTH on or off needs a restart)');
     }
-    const nextDefault = changes.milters ?? defaultMilters;
-    const nextPerListener = changes.listeners?.map((l) => l.milters) ?? listenerMilters;
-    // Build everything first (MilterChain checks each milter): a bad part changes nothing.
-    const next = profiles(nextDefault, nextPerListener);
-    if (changes.tls) {
-      const tlsOptions = { key: changes.tls.key, cert: changes.tls.cert };
-      // Throws on a key/cert that does not parse, before any server was changed.
-      tls.createSecureContext(tlsOptions);
-      for (const s of servers) s.updateSecureContext(tlsOptions);
-    }
+    // Build everything first (MilterChain checks each milter; a bad key or certificate
+    // throws here): a bad part changes nothing.
+    const milters = changes.milters ?? currentMilters;
+    const perListener = changes.listeners?.map((l) => l.milters) ?? currentListenerMilters;
+    const gatewayChain = chainFor(milters);
+    const next = listeners.map((l, i): Listener => {
+      const own = perListener[i];
+      const chain = own === undefined ? gatewayChain : chainFor(own);
+      const maxMessageBytes = sizeLimitOf(chain.milters);
+      return { ...l, chain, maxMessageBytes, tooLarge: smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`) };
+    });
+    const tlsOptions = changes.tls ? { key: changes.tls.key, cert: changes.tls.cert } : undefined;
+    if (tlsOptions) createSecureContext(tlsOptions);
+    for (const s of servers) if (tlsOptions) s.updateSecureContext(tlsOptions);
     if (changes.authenticate) auth.authenticate = changes.authenticate;
-    defaultMilters = nextDefault;
-    listenerMilters = nextPerListener;
-    listeners = next;
-    for (const s of servers) (s.options as { size?: number }).size = listeners[s.index]!.maxMessageBytes;
+    currentMilters = milters;
+    currentListenerMilters = perListener;
+    current = next;
+    // The SIZE new EHLOs advertise.
+    for (const s of servers) (s.options as { size?: number }).size = currentProfile((s as GatewayServer).listener).maxMessageBytes;
   }
 
   return {
+    reconfigure,
     get addresses() {
       return addresses;
     },
-    reconfigure,
     async listen() {
       if (servers.length) throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'the gateway is already listening');
       await options.queue?.start?.();
       // The default quarantine store's root must exist (maildir() never creates its root).
       if (options.quarantine === undefined) await mkdir(DEFAULT_QUARANTINE_ROOT, { recursive: true, mode: 0o700 });
       const bound: { host: string; port: number }[] = [];
-      for (const [index, listener] of listeners.entries()) {
+      for (const listener of listeners) {
         const spec = listener.spec;
-        const server = new GatewayServer(index);
+        const server = new GatewayServer(listener);
         server.on('error', (err: Error) => channels.error.publish({ error: err }));
         servers.push(server);
         await new Promise<void>((resolve, reject) => {
