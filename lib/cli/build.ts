@@ -10,7 +10,7 @@
  *
  * Does not start anything: ./server.ts starts the store, the queue and the gateway.
  */
-import { readFile } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { DovetailError } from '../errors.js';
 import type { Milter } from '../milter/types.js';
@@ -224,12 +224,18 @@ export type StoreAddress = { readonly host: string; readonly port: number } | { 
 
 /**
  * Builds the delivery transport: the route table, or the one transport, or the embedded
- * store. Transports are created once per distinct config (two domains routed to the same
+ * store. With `createDirs`, Maildir roots are created (mode 0700). Transports are created once per distinct config (two domains routed to the same
  * `lmtp` share one pool).
  *
  * @throws BuildError naming each route that could not be built.
  */
-export async function buildDelivery(config: CheckedConfig, dir: string, store: StoreAddress | undefined, hostname: string | undefined): Promise<Transport> {
+export async function buildDelivery(
+  config: CheckedConfig,
+  dir: string,
+  store: StoreAddress | undefined,
+  hostname: string | undefined,
+  options: { readonly createDirs?: boolean } = {},
+): Promise<Transport> {
   const d = config.delivery;
   const problems: Problems = [];
   const made = new Map<string, Transport>();
@@ -244,7 +250,10 @@ export async function buildDelivery(config: CheckedConfig, dir: string, store: S
       else if ('maildir' in route) {
         const m = route.maildir;
         const o = (typeof m === 'string' ? { root: m } : m) as MaildirOptions;
-        t = maildir({ ...o, root: path.resolve(dir, o.root) });
+        const root = path.resolve(dir, o.root);
+        // maildir() never creates its root; a server started from a config does (check-config does not).
+        if (options.createDirs) await mkdir(root, { recursive: true, mode: 0o700 });
+        t = maildir({ ...o, root });
       } else if ('smtp' in route) {
         const s = route.smtp === true ? {} : (route.smtp as Record<string, unknown>);
         const { dns, auth, tls, ...rest } = s as { dns?: { servers?: string[]; timeout?: number; tries?: number }; auth?: { user: string; pass?: string; passFile?: string }; tls?: unknown };

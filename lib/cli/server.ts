@@ -93,7 +93,7 @@ export async function openDelivery(config: CheckedConfig, dir: string): Promise<
     store = await createLmtpServer({ ...rest, root, listen: storeListen(listen), ...(rest.hostname === undefined && config.hostname ? { hostname: config.hostname } : {}) } as Parameters<typeof createLmtpServer>[0]);
   }
   try {
-    const transport = await buildDelivery(config, dir, store?.address, config.hostname);
+    const transport = await buildDelivery(config, dir, store?.address, config.hostname, { createDirs: true });
     return {
       transport,
       store,
@@ -141,6 +141,7 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
     await queue.start();
     cleanup.push(() => queue.close());
     await mkdir(paths.quarantine, { recursive: true, mode: 0o700 });
+    if (config.spool?.dir) await mkdir(path.resolve(dir, config.spool.dir), { recursive: true, mode: 0o700 });
     const listen = listenOptions(config).map((l, i) => {
       const own = current.listenerMilters[i];
       return own === undefined ? l : { ...l, milters: own };
