@@ -10,7 +10,7 @@
  * Signals under `start`: SIGTERM / SIGINT drain and stop (a second one exits at once, 1);
  * SIGHUP reloads the config (./server.ts says what a reload changes).
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import type { Logger } from 'pino';
@@ -177,10 +177,14 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
   const log = loaded.config.log;
   const logging: Logging = enableLogging({ level: log?.level ?? 'info', destination: log?.file ? path.resolve(loaded.dir, log.file) : 1 });
   const logger: Logger = logging.logger;
+  // A SIGHUP while starting must not kill the process (Node's default): say it comes too early.
+  const early = (): void => void logger.warn({ event: 'reload-too-early' }, 'SIGHUP while starting: not reloaded');
+  process.on('SIGHUP', early);
   let server: RunningServer;
   try {
     server = await startServer(loaded.config, { dir: loaded.dir, logger });
   } catch (err) {
+    process.off('SIGHUP', early);
     if (err instanceof BuildError) {
       logger.error({ event: 'config-invalid', file: loaded.file, problems: err.problems }, `${loaded.file}: ${err.message.replace(/\n/g, '; ')}`);
       io.err(`${loaded.file}: ${err.problems.length} problem${err.problems.length === 1 ? '' : 's'}\n${err.message}\n`);
@@ -261,6 +265,7 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
       })();
     };
     process.on('SIGHUP', onHup);
+    process.off('SIGHUP', early);
     process.on('SIGTERM', onStop);
     process.on('SIGINT', onStop);
   });
@@ -366,8 +371,10 @@ function formatEntry(e: QueueEntry): string {
 /** Sends a request to the running gateway, or (none running) does it on the locked directory. */
 async function queueRequest(loaded: LoadedConfig & { config: CheckedConfig }, req: ControlRequest): Promise<ControlReply> {
   const paths = pathsOf(loaded.config, loaded.dir);
+  // retry and flush wait for the attempts (bounded by the transports' own timeouts).
+  const timeout = req.cmd === 'retry' || req.cmd === 'flush' ? 15 * 60_000 : 60_000;
   try {
-    return await controlRequest(paths.controlSocket, req);
+    return await controlRequest(paths.controlSocket, req, timeout);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code !== 'ENOENT' && code !== 'ECONNREFUSED') throw err;
@@ -375,6 +382,13 @@ async function queueRequest(loaded: LoadedConfig & { config: CheckedConfig }, re
   const holder = await queueLockHolder(paths.queueDir);
   if (holder !== undefined) {
     throw new Failure(`the queue ${paths.queueDir} is locked by process ${holder}, whose control socket ${paths.controlSocket} does not answer`);
+  }
+  // No queue directory yet: nothing queued (and nothing created by looking).
+  if (!existsSync(paths.queueDir)) {
+    if (req.cmd === 'list') return { ok: true, entries: [] };
+    if (req.cmd === 'flush') return { ok: true, attempted: 0 };
+    if (req.cmd === 'status') return { ok: false, error: 'no gateway is running' };
+    return { ok: false, error: `no queue entry ${req.id ?? ''}`.trim() };
   }
   // No gateway: work on the directory under its lock. Only retry/flush deliver.
   const delivers = req.cmd === 'retry' || req.cmd === 'flush';
