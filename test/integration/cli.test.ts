@@ -187,6 +187,14 @@ export default defineConfig(() => ({ listen: [{ port: 0 }], milters: [sizeLimit(
     );
     r = await runCli(['check-config', '-c', 'good.config.ts'], dir);
     assert.equal(r.code, 0, r.stderr);
+    // .mjs (ESM) and .js (here CommonJS: no package.json says otherwise) configs.
+    await writeFile(path.join(dir, 'esm.mjs'), "export default { listen: [{ port: 0 }], delivery: { maildir: './mail' } };\n");
+    r = await runCli(['check-config', '-c', 'esm.mjs'], dir);
+    assert.equal(r.code, 0, r.stderr);
+    await writeFile(path.join(dir, 'cjs.js'), "module.exports = { delivery: { lmtp: '127.0.0.1:24' }, listen: [{ port: 'x' }] };\n");
+    r = await runCli(['check-config', '-c', 'cjs.js'], dir);
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /^listen\[0\]\.port: expected an integer 0\.\.65535, got "x"$/m);
     // Not JSON; not there; exports nothing; throws.
     await writeFile(path.join(dir, 'broken.json'), '{ "listen": [ }');
     r = await runCli(['check-config', '-c', 'broken.json'], dir);
