@@ -31,6 +31,8 @@ import { importFresh } from './load.js';
 import { formatPath, type CheckedConfig, type ConfigProblem, type MilterConfig, type RouteConfig } from './schema.js';
 import { readTable } from './tables.js';
 
+export { pathsOf } from './paths.js';
+
 /** A problem found while building: the config path and what went wrong. */
 export class BuildError extends Error {
   constructor(readonly problems: readonly ConfigProblem[]) {
@@ -310,17 +312,6 @@ export async function buildDelivery(
     throw new BuildError(problems.length ? problems : [{ path: 'delivery', message: 'no transport' }]);
   }
   return transport;
-}
-
-/** Paths that follow from the config (absolute). */
-export function pathsOf(config: CheckedConfig, dir: string): { queueDir: string; controlSocket: string; quarantine: string } {
-  const queueDir = path.resolve(dir, config.queue?.dir ?? 'var/queue');
-  const q = config.quarantine;
-  return {
-    queueDir,
-    controlSocket: path.resolve(dir, config.control?.socket ?? path.join(queueDir, 'control.sock')),
-    quarantine: path.resolve(dir, q === undefined ? 'var/quarantine' : typeof q === 'string' ? q : q.maildir),
-  };
 }
 
 /** The gateway options that only a restart changes (limits and such), from the config. */

@@ -13,12 +13,9 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { createJiti } from 'jiti';
-import * as library from '../index.js';
-import * as bundled from '../../milters/index.js';
 import { checkConfig, type CheckedConfig, type ConfigProblem } from './schema.js';
 
-/** The file names `dovetail start` looks for when `-c` is not given, in order. */
-export const DEFAULT_CONFIG_FILES = ['dovetail.config.ts', 'dovetail.config.js', 'dovetail.config.mjs', 'dovetail.config.json'] as const;
+export { DEFAULT_CONFIG_FILES, findConfigFile } from './paths.js';
 
 /** A loaded config: the checked object, or the problems; `file` is absolute. */
 export interface LoadedConfig {
@@ -29,18 +26,10 @@ export interface LoadedConfig {
   readonly problems: readonly ConfigProblem[];
 }
 
-/** The config file to use: `given` (resolved against cwd), else the first default that exists. */
-export function findConfigFile(given: string | undefined, cwd: string = process.cwd()): string | undefined {
-  if (given !== undefined) return path.resolve(cwd, given);
-  for (const name of DEFAULT_CONFIG_FILES) {
-    const f = path.join(cwd, name);
-    if (existsSync(f)) return f;
-  }
-  return undefined;
-}
-
 /** Imports a TS/JS/MJS module afresh (not from a cache: a reload sees the file as it is now). */
 export async function importFresh(file: string): Promise<Record<string, unknown>> {
+  // Loaded here, not at the top: `dovetail --help` and JSON configs need neither.
+  const [library, bundled] = await Promise.all([import('../index.js'), import('../../milters/index.js')]);
   const jiti = createJiti(import.meta.url, {
     moduleCache: false,
     fsCache: false,

@@ -14,16 +14,19 @@ import { existsSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import type { Logger } from 'pino';
-import { enableLogging, type Logging } from '../observe/index.js';
-import { createQueue, queueLockHolder, type QueueEntry } from '../delivery/queue.js';
-import { validateMilter } from '../milter/define.js';
-import { serveMilter } from '../milter/protocol/server.js';
+import type { Logging } from '../observe/index.js';
+import type { QueueEntry } from '../delivery/queue.js';
 import type { Milter } from '../milter/types.js';
-import { buildDelivery, buildReloadable, pathsOf, BuildError } from './build.js';
-import { controlRequest, handleRequest, type ControlReply, type ControlRequest } from './control.js';
-import { DEFAULT_CONFIG_FILES, findConfigFile, importFresh, loadConfig, type LoadedConfig } from './load.js';
-import { formatProblems, type CheckedConfig } from './schema.js';
-import { openDelivery, startServer, type RunningServer } from './server.js';
+import type { RunningServer } from './server.js';
+import type { ControlReply, ControlRequest } from './control.js';
+import type { LoadedConfig } from './load.js';
+import { DEFAULT_CONFIG_FILES, findConfigFile, pathsOf } from './paths.js';
+import type { CheckedConfig, ConfigProblem } from './schema.js';
+// The rest (config loading, the gateway, the milters, logging) is imported by the commands
+// that need it, so `--help` and usage errors start fast.
+
+/** One line per problem (as schema.ts formatProblems, without loading zod). */
+const formatProblems = (problems: readonly ConfigProblem[]): string => problems.map((p) => `${p.path}: ${p.message}`).join('\n');
 
 /** Where a command writes; the process's streams unless a test gives others. */
 export interface Io {
@@ -128,6 +131,7 @@ async function loadOrFail(given: string | undefined, io: Io): Promise<LoadedConf
     io.err(`dovetail: no config file: give -c <file>, or put one of ${DEFAULT_CONFIG_FILES.join(', ')} here\n`);
     throw new Failure();
   }
+  const { loadConfig } = await import('./load.js');
   const loaded = await loadConfig(file);
   if (!loaded.config || loaded.problems.length) {
     io.err(`${file}: ${loaded.problems.length} problem${loaded.problems.length === 1 ? '' : 's'}\n${formatProblems(loaded.problems)}\n`);
@@ -143,6 +147,7 @@ async function checkConfigCommand(args: readonly string[], io: Io): Promise<numb
   if (values['help']) return io.out(USAGE['check-config']), 0;
   if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}\n\n${USAGE['check-config']}`);
   const loaded = await loadOrFail(values['config'] as string | undefined, io);
+  const { buildDelivery, buildReloadable, BuildError } = await import('./build.js');
   // Build what can be built without starting anything: milters, files, routes.
   const problems = [];
   try {
@@ -174,6 +179,7 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
   if (values['help']) return io.out(USAGE.start), 0;
   if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}\n\n${USAGE.start}`);
   const loaded = await loadOrFail(values['config'] as string | undefined, io);
+  const [{ enableLogging }, { startServer }, { BuildError }] = await Promise.all([import('../observe/index.js'), import('./server.js'), import('./build.js')]);
   const log = loaded.config.log;
   const logging: Logging = enableLogging({ level: log?.level ?? 'info', destination: log?.file ? path.resolve(loaded.dir, log.file) : 1 });
   const logger: Logger = logging.logger;
@@ -213,6 +219,7 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
     let reloading: Promise<void> | undefined;
     let again = false;
     const reload = async (): Promise<void> => {
+      const { loadConfig } = await import('./load.js');
       const next = await loadConfig(loaded.file);
       const outcome = await server.reload(next.config, next.problems);
       if (!outcome.applied) {
@@ -283,9 +290,11 @@ async function milterCommand(args: readonly string[], io: Io): Promise<number> {
   const listen = values['listen'] as string | undefined;
   if (!listen) throw new UsageError(`milter serve needs --listen <socket>\n\n${USAGE.milter}`);
   const abs = path.resolve(file);
+  const [{ enableLogging }, define, { serveMilter }] = await Promise.all([import('../observe/index.js'), import('../milter/define.js'), import('../milter/protocol/server.js')]);
+  const validateMilter: (m: unknown) => asserts m is Milter = define.validateMilter;
   let milter: Milter;
   try {
-    const mod = await importFresh(abs);
+    const mod = await (await import('./load.js')).importFresh(abs);
     let value = mod['milter'] ?? mod['default'];
     if (typeof value === 'function') value = await (value as () => unknown)();
     if (value === undefined) throw new Error('exports no milter (export default defineMilter({ … }), or export const milter)');
@@ -371,6 +380,7 @@ function formatEntry(e: QueueEntry): string {
 /** Sends a request to the running gateway, or (none running) does it on the locked directory. */
 async function queueRequest(loaded: LoadedConfig & { config: CheckedConfig }, req: ControlRequest): Promise<ControlReply> {
   const paths = pathsOf(loaded.config, loaded.dir);
+  const { controlRequest, handleRequest } = await import('./control.js');
   // retry and flush wait for the attempts (bounded by the transports' own timeouts).
   const timeout = req.cmd === 'retry' || req.cmd === 'flush' ? 15 * 60_000 : 60_000;
   try {
@@ -379,6 +389,7 @@ async function queueRequest(loaded: LoadedConfig & { config: CheckedConfig }, re
     const code = (err as NodeJS.ErrnoException).code;
     if (code !== 'ENOENT' && code !== 'ECONNREFUSED') throw err;
   }
+  const { createQueue, queueLockHolder } = await import('../delivery/queue.js');
   const holder = await queueLockHolder(paths.queueDir);
   if (holder !== undefined) {
     throw new Failure(`the queue ${paths.queueDir} is locked by process ${holder}, whose control socket ${paths.controlSocket} does not answer`);
@@ -392,7 +403,7 @@ async function queueRequest(loaded: LoadedConfig & { config: CheckedConfig }, re
   }
   // No gateway: work on the directory under its lock. Only retry/flush deliver.
   const delivers = req.cmd === 'retry' || req.cmd === 'flush';
-  const delivery = delivers ? await openDelivery(loaded.config, loaded.dir) : undefined;
+  const delivery = delivers ? await (await import('./server.js')).openDelivery(loaded.config, loaded.dir) : undefined;
   const idle = { name: 'none', async deliver(): Promise<never> { throw new Error('no delivery here'); } };
   const { dir: _d, ...q } = (loaded.config.queue ?? {}) as Record<string, unknown>;
   const queue = createQueue({ ...(q as object), dir: paths.queueDir, transport: delivery?.transport ?? idle, lock: true });
