@@ -38,8 +38,15 @@ const processIo: Io = { out: (t) => process.stdout.write(t), err: (t) => process
 
 /** Thrown for a usage error (exit 2). */
 class UsageError extends Error {}
-/** Thrown for a failure already explained (exit 1). */
-class Failure extends Error {}
+/** Thrown for a failure already explained (exit 1); for a bad config, with its problems. */
+class Failure extends Error {
+  constructor(
+    message = '',
+    readonly problems: readonly ConfigProblem[] = [],
+  ) {
+    super(message);
+  }
+}
 
 const USAGE = {
   main: `Usage: dovetail <command> [options]
@@ -135,7 +142,7 @@ async function loadOrFail(given: string | undefined, io: Io): Promise<LoadedConf
   const loaded = await loadConfig(file);
   if (!loaded.config || loaded.problems.length) {
     io.err(`${file}: ${loaded.problems.length} problem${loaded.problems.length === 1 ? '' : 's'}\n${formatProblems(loaded.problems)}\n`);
-    throw new Failure();
+    throw new Failure('', loaded.problems);
   }
   return loaded as LoadedConfig & { config: CheckedConfig };
 }
@@ -178,7 +185,19 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
   const { values, positionals } = parse(args, configOption, USAGE.start);
   if (values['help']) return io.out(USAGE.start), 0;
   if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}\n\n${USAGE.start}`);
-  const loaded = await loadOrFail(values['config'] as string | undefined, io);
+  let loaded: LoadedConfig & { config: CheckedConfig };
+  try {
+    loaded = await loadOrFail(values['config'] as string | undefined, io);
+  } catch (err) {
+    // Printed on stderr already; also a log line, where the operator's log collector looks.
+    if (err instanceof Failure) {
+      const { enableLogging } = await import('../observe/index.js');
+      const logging = enableLogging({});
+      logging.logger.error({ event: 'config-invalid', args, problems: err.problems }, `not started: ${err.problems.length ? formatProblems(err.problems).replace(/\n/g, '; ') : 'no config file'}`);
+      logging.close();
+    }
+    throw err;
+  }
   const [{ enableLogging }, { startServer }, { BuildError }] = await Promise.all([import('../observe/index.js'), import('./server.js'), import('./build.js')]);
   const log = loaded.config.log;
   const logging: Logging = enableLogging({ level: log?.level ?? 'info', destination: log?.file ? path.resolve(loaded.dir, log.file) : 1 });

@@ -64,7 +64,8 @@ export interface StartOptions {
 function restartOnly(config: CheckedConfig): Record<string, string> {
   const listen = (config.listen ?? []).map(({ milters: _m, ...l }) => l);
   const { milters: _m, tls: _t, authenticate: _a, listen: _l, ...rest } = config;
-  const out: Record<string, string> = { listen: JSON.stringify(listen), tlsSet: String(config.tls !== undefined), authSet: String(config.authenticate !== undefined) };
+  // tls and authenticate reload, but turning them on or off needs a restart.
+  const out: Record<string, string> = { listen: JSON.stringify(listen), tls: String(config.tls !== undefined), authenticate: String(config.authenticate !== undefined) };
   for (const [k, v] of Object.entries(rest)) out[k] = JSON.stringify(v, (_k, x: unknown) => (typeof x === 'function' ? `[function ${(x as { name?: string }).name ?? ''}]` : x));
   return out;
 }

@@ -122,6 +122,14 @@ test('check-config: a JSON config with several kinds of errors names every field
     ];
     for (const e of expected) assert.ok(lines.some((l) => l.startsWith(e)), `missing: ${e}\n${r.stderr}`);
     assert.equal(lines.length, expected.length + 1, r.stderr);
+    // start refuses the same config: the same lines on stderr, and a log line on stdout.
+    const started = await runCli(['start', '-c', file], dir);
+    assert.equal(started.code, 1);
+    assert.equal(started.stderr, r.stderr);
+    const log = JSON.parse(started.stdout.trim().split('\n').at(-1)!) as { event: string; problems: { path: string }[] };
+    assert.equal(log.event, 'config-invalid');
+    assert.equal(log.problems.length, expected.length);
+    assert.ok(log.problems.some((p) => p.path === 'listen[1].port'));
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
