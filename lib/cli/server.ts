@@ -60,13 +60,30 @@ export interface StartOptions {
   readonly logger: Logger;
 }
 
+/**
+ * A value as text for comparing two configs: objects given by a TS/JS config (transports,
+ * functions) by identity, never walked (they may be large or circular).
+ */
+function fingerprintOf(value: unknown): string {
+  const ids = new Map<object, number>();
+  const idOf = (o: object): string => {
+    if (!ids.has(o)) ids.set(o, ids.size + 1);
+    return `#${ids.get(o)}`;
+  };
+  return JSON.stringify(value, (_k, x: unknown) => {
+    if (typeof x === 'function') return `[function ${idOf(x)}]`;
+    if (x !== null && typeof x === 'object' && !Array.isArray(x) && Object.getPrototypeOf(x) !== Object.prototype) return `[object ${idOf(x)}]`;
+    return x;
+  }) ?? 'undefined';
+}
+
 /** The parts of a config that only a restart changes, as JSON (milters left out: they reload). */
 function restartOnly(config: CheckedConfig): Record<string, string> {
   const listen = (config.listen ?? []).map(({ milters: _m, ...l }) => l);
   const { milters: _m, tls: _t, authenticate: _a, listen: _l, ...rest } = config;
   // tls and authenticate reload, but turning them on or off needs a restart.
   const out: Record<string, string> = { listen: JSON.stringify(listen), tls: String(config.tls !== undefined), authenticate: String(config.authenticate !== undefined) };
-  for (const [k, v] of Object.entries(rest)) out[k] = JSON.stringify(v, (_k, x: unknown) => (typeof x === 'function' ? `[function ${(x as { name?: string }).name ?? ''}]` : x));
+  for (const [k, v] of Object.entries(rest)) out[k] = fingerprintOf(v);
   return out;
 }
 
