@@ -164,8 +164,9 @@ export interface Gateway {
   readonly addresses: readonly { host: string; port: number }[];
   /**
    * Replaces what new connections get, without a restart (the CLI calls it on SIGHUP):
-   * connections open at the time keep the milter chain, certificate and authenticate they
-   * started with until they close. Checked like createGateway's options (throws
+   * connections open at the time keep the milter chain (and size limit) they started with
+   * until they close, and a TLS session already established keeps its certificate; a
+   * STARTTLS or AUTH after the call uses the new certificate or authenticate. Checked like createGateway's options (throws
    * `DOVETAIL_ERR_INVALID_OPTIONS` and changes nothing when a part is malformed). What is
    * not here (listen addresses, delivery, queue, limits) needs a new gateway.
    */
