@@ -204,12 +204,25 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
   const logger: Logger = logging.logger;
   // A SIGHUP while starting must not kill the process (Node's default): say it comes too early.
   const early = (): void => void logger.warn({ event: 'reload-too-early' }, 'SIGHUP while starting: not reloaded');
+  // SIGTERM/SIGINT while starting: stop (draining) as soon as it has started.
+  let stopWhenStarted: NodeJS.Signals | undefined;
+  const earlyStop = (signal: NodeJS.Signals): void => {
+    if (stopWhenStarted) process.exit(1);
+    stopWhenStarted = signal;
+  };
   process.on('SIGHUP', early);
+  process.on('SIGTERM', earlyStop);
+  process.on('SIGINT', earlyStop);
+  const offEarly = (): void => {
+    process.off('SIGHUP', early);
+    process.off('SIGTERM', earlyStop);
+    process.off('SIGINT', earlyStop);
+  };
   let server: RunningServer;
   try {
     server = await startServer(loaded.config, { dir: loaded.dir, logger });
   } catch (err) {
-    process.off('SIGHUP', early);
+    offEarly();
     if (err instanceof BuildError) {
       logger.error({ event: 'config-invalid', file: loaded.file, problems: err.problems }, `${loaded.file}: ${err.message.replace(/\n/g, '; ')}`);
       io.err(`${loaded.file}: ${err.problems.length} problem${err.problems.length === 1 ? '' : 's'}\n${err.message}\n`);
@@ -291,9 +304,10 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
       })();
     };
     process.on('SIGHUP', onHup);
-    process.off('SIGHUP', early);
     process.on('SIGTERM', onStop);
     process.on('SIGINT', onStop);
+    offEarly();
+    if (stopWhenStarted) onStop(stopWhenStarted);
   });
 }
 
