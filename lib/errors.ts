@@ -26,6 +26,8 @@ export const ErrorCodes = {
   SPOOL_FAILED: 'DOVETAIL_ERR_SPOOL',
   /** A transport failed as a whole (not a per-recipient refusal). */
   DELIVERY_FAILED: 'DOVETAIL_ERR_DELIVERY',
+  /** A queue directory is locked by another live process (createQueue({ lock: true })). */
+  QUEUE_LOCKED: 'DOVETAIL_ERR_QUEUE_LOCKED',
   /** A client went over a per-client limit (connections at once, connection rate): it was refused with 421. */
   CLIENT_LIMIT: 'DOVETAIL_ERR_CLIENT_LIMIT',
   /** The authentication backend (dovecotAuth()) could not answer: unreachable, timeout, protocol error, temporary failure. */

@@ -109,7 +109,7 @@ export type { MxResolver, NextHop, NextHopHost, Destination } from './delivery/n
 export type { TlsLevel, PoolStats } from './delivery/client.js';
 export { createLmtpServer } from './delivery/lmtp-server.js';
 export type { LmtpServerOptions, LmtpServer } from './delivery/lmtp-server.js';
-export { createQueue, QueueChannels } from './delivery/queue.js';
+export { createQueue, QueueChannels, queueLockHolder } from './delivery/queue.js';
 export type { QueueOptions, DeliveryQueue, QueueEntry, QueuedRecipient } from './delivery/queue.js';
 export { buildDsn, notifyOf, retOf, xtextDecode } from './delivery/dsn.js';
 export type { DsnInput, DsnRecipient, DsnAction, Notify } from './delivery/dsn.js';
@@ -121,3 +121,20 @@ export type { WorkerPool, WorkerPoolOptions, WorkerPoolEvent, WorkerChannel } fr
 // Logs (pino) and metrics (prom-client) from the diagnostics channels: off unless enabled.
 export { enableLogging, enableMetrics, serveMetrics } from './observe/index.js';
 export type { Logging, LoggingOptions, Metrics, MetricsOptions, MetricsServer, MetricsServerOptions } from './observe/index.js';
+
+// The config file of the `dovetail` CLI (docs/configuration.md): defineConfig() and its types.
+export { defineConfig } from './cli/schema.js';
+export type {
+  DovetailConfig,
+  ListenerConfig,
+  MilterConfig,
+  BundledMilterConfig,
+  RemoteMilterConfig,
+  ModuleMilterConfig,
+  RouteConfig,
+  DeliveryConfig,
+  QueueConfig,
+  LimitsConfig,
+  AuthenticateConfig,
+} from './cli/schema.js';
+export type { GatewayReconfiguration } from './smtp/options.js';

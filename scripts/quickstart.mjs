@@ -50,3 +50,10 @@ for (const signal of ['SIGINT', 'SIGTERM']) {
     });
   });
 }
+
+// SIGHUP used to end the quick start without draining (Node's default). The quick start has
+// no config file to reload: say so and go on. `dovetail start -c examples/dovetail.config.ts`
+// is the same server from a config file, and reloads on SIGHUP.
+process.on('SIGHUP', () => {
+  console.log('SIGHUP: the quick start does not reload (dovetail start -c examples/dovetail.config.ts does); still running');
+});

@@ -14,6 +14,12 @@
  * was never acknowledged and is deleted at start, as is everything in tmp/. State changes
  * write a new envelope file and rename it over the old one (fsync file, rename, fsync dir).
  *
+ * With `lock: true` (the CLI always sets it) the directory is locked against a second process:
+ * `<dir>/lock` holds the pid of the holder, created atomically (a temp file hard-linked into
+ * place); a lock whose pid is no longer alive (or is our own pid but not held by a queue of
+ * this process: a pid reused after a restart) is stale and taken over. Without it, one
+ * queue per directory is the caller's business.
+ *
  * Delivery is at least once: a crash between a transport's answer and the envelope update
  * repeats that delivery after restart (a duplicate, never a loss).
  *
@@ -24,8 +30,7 @@
  * It deliberately does not: route (every retry goes to `transport`, every DSN to `bounce`:
  * give it a routes() table), rate-limit per destination (smtp() has per-destination
  * concurrency and dead destinations), keep a separate "deferred" directory (active/ holds every entry; the due time is
- * in the envelope), lock the directory against a second process (one queue per directory),
- * or close the transports it was given (their owner does).
+ * in the envelope), or close the transports it was given (their owner does).
  */
 import diagnostics_channel from 'node:diagnostics_channel';
 import { createReadStream } from 'node:fs';
@@ -76,6 +81,13 @@ const queueChannels = {
 export interface QueueOptions {
   /** The queue directory; created (with tmp/ and active/) at start() or the first call. */
   readonly dir: string;
+  /**
+   * Lock the directory against other processes (`<dir>/lock` with our pid) when the queue
+   * first touches it; released by close(). A directory locked by another live process makes
+   * start() (and every other call) reject with `DOVETAIL_ERR_QUEUE_LOCKED`; a stale lock (its
+   * process is gone) is taken over. Default false.
+   */
+  readonly lock?: boolean;
   /** Where retries of deferred recipients go (e.g. the gateway's own lmtp()). */
   readonly transport: Transport;
   /** Where DSNs go, addressed to the original sender (e.g. a smarthost). Default: `transport`. */
@@ -203,6 +215,79 @@ const DEFAULTS = {
   concurrency: 10,
   scanInterval: 60_000,
 } as const;
+
+/** Queue directories locked by queues of this process. */
+const heldHere = new Set<string>();
+
+/** The pid in a lock file, or undefined when it holds none. */
+async function lockHolder(file: string): Promise<number | undefined> {
+  try {
+    const pid = Number((await readFile(file, 'utf8')).trim());
+    return Number.isSafeInteger(pid) && pid > 0 ? pid : undefined;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
+/** True while a process with this pid exists (EPERM: it exists, owned by someone else). */
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Who holds the lock of a queue directory: the pid of a live process other than a queue of
+ * this one, or undefined (no lock, or a stale one). For the CLI, to say who holds it.
+ */
+export async function queueLockHolder(dir: string): Promise<number | undefined> {
+  const abs = path.resolve(dir);
+  const pid = await lockHolder(path.join(abs, 'lock'));
+  if (pid === undefined) return undefined;
+  if (pid === process.pid) return heldHere.has(abs) ? pid : undefined;
+  return alive(pid) ? pid : undefined;
+}
+
+/**
+ * Takes `<dir>/lock` for this process: a temp file with our pid is hard-linked into place
+ * (atomic: fails when a lock exists); a stale lock is removed and the link tried again.
+ * Resolves with the function that releases it.
+ *
+ * @throws DovetailError `DOVETAIL_ERR_QUEUE_LOCKED` when a live process holds it.
+ */
+async function lockQueueDir(dir: string): Promise<() => Promise<void>> {
+  const file = path.join(dir, 'lock');
+  const tmp = path.join(dir, `lock.${process.pid}.${Date.now()}`);
+  await writeFileDurably(tmp, [Buffer.from(`${process.pid}\n`)]);
+  try {
+    for (let tries = 0; ; tries++) {
+      try {
+        await link(tmp, file);
+        break;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+        const holder = await queueLockHolder(dir);
+        if (holder !== undefined || tries >= 3) {
+          throw new DovetailError(ErrorCodes.QUEUE_LOCKED, `the queue directory ${dir} is locked by process ${holder ?? '(unknown)'} (${file})`);
+        }
+        // Stale: its process is gone. Remove it and try again.
+        await unlinkIfThere(file);
+      }
+    }
+  } finally {
+    await unlinkIfThere(tmp);
+  }
+  heldHere.add(dir);
+  await syncDir(dir);
+  return async () => {
+    heldHere.delete(dir);
+    if ((await lockHolder(file)) === process.pid) await unlinkIfThere(file);
+  };
+}
 
 /** The most header bytes read back for a DSN. */
 const MAX_HEADER_BYTES = 1024 * 1024;
@@ -482,6 +567,7 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
   let timer: NodeJS.Timeout | undefined;
   let active = 0;
   let tmpCounter = 0;
+  let releaseLock: (() => Promise<void>) | undefined;
 
   const msgPath = (id: string): string => path.join(activeDir, id);
   const envPath = (id: string): string => path.join(activeDir, `${id}.json`);
@@ -518,6 +604,8 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
   async function load(): Promise<void> {
     await makeDirs();
     const owned = (name: string): boolean => writing.has(name.split('.')[0] ?? '');
+    // The lock first: recovery below removes files another live process may be writing.
+    if (options.lock && !releaseLock) releaseLock = await lockQueueDir(dir);
     // tmp/: half-written files of a crashed process; nothing there was acknowledged.
     let tmpRemoved = 0;
     for (const name of await readdir(tmpDir)) {
@@ -1103,6 +1191,9 @@ export function createQueue(options: QueueOptions): DeliveryQueue {
         await Promise.allSettled(flights);
         if (flights.length === 0) await new Promise((r) => setImmediate(r));
       }
+      const release = releaseLock;
+      releaseLock = undefined;
+      await release?.();
     },
     async list() {
       if (!delivers) writerOnly('list()');

@@ -26,6 +26,8 @@
  * stored, queued on disk, or discarded by a milter.
  */
 import { mkdir } from 'node:fs/promises';
+import { createSecureContext } from 'node:tls';
+import type { GatewayReconfiguration } from './options.js';
 import os from 'node:os';
 import path from 'node:path';
 import type net from 'node:net';
@@ -490,7 +492,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       maxRecipients: options.maxRecipients ?? 1000,
       ...(options.tls ? { key: options.tls.key, cert: options.tls.cert } : {}),
       logger: false,
-      onConnect: callbackify((session: SMTPServerSession) => onConnect(listener, session)),
+      onConnect: callbackify((session: SMTPServerSession) => onConnect(currentProfile(listener), session)),
       onSecure: (socket, session, cb) => {
         const gs = sessions.get(session);
         if (gs) {
@@ -504,7 +506,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         }
         cb();
       },
-      onAuth: authHandler(options, (session) => sessions.get(session)),
+      onAuth: authHandler(auth, (session) => sessions.get(session)),
       onMailFrom: callbackify((a: SMTPServerAddress, s: SMTPServerSession) => onMailFrom(a, s)),
       onRcptTo: callbackify((a: SMTPServerAddress, s: SMTPServerSession) => onRcptTo(a, s)),
       onData: (stream, session, cb) => {
@@ -548,7 +550,57 @@ export function createGateway(options: GatewayOptions): Gateway {
     };
   }
 
+  /**
+   * reconfigure(): the profiles new connections get, in `listeners` order. A session keeps
+   * the Listener it started with, so a connection in flight finishes with its old chain.
+   */
+  let current: readonly Listener[] = listeners;
+  let currentMilters: readonly Milter[] = options.milters ?? [];
+  let currentListenerMilters: readonly (readonly Milter[] | undefined)[] = listenSpecs.map((l) => l.milters);
+  const currentProfile = (l: Listener): Listener => current[listeners.indexOf(l)] ?? l;
+  /** What AUTH checks with; reconfigure() may replace `authenticate` (authHandler reads it per attempt). */
+  const auth: Pick<GatewayOptions, 'allowInsecureAuth' | 'authFailureDelay' | 'maxAuthFailures'> & { authenticate?: NonNullable<GatewayOptions['authenticate']> } = {
+    ...(options.authenticate ? { authenticate: options.authenticate } : {}),
+    ...(options.allowInsecureAuth !== undefined ? { allowInsecureAuth: options.allowInsecureAuth } : {}),
+    ...(options.authFailureDelay !== undefined ? { authFailureDelay: options.authFailureDelay } : {}),
+    ...(options.maxAuthFailures !== undefined ? { maxAuthFailures: options.maxAuthFailures } : {}),
+  };
+
+  function reconfigure(changes: GatewayReconfiguration): void {
+    const bad = (why: string): never => {
+      throw new DovetailError(ErrorCodes.INVALID_OPTIONS, `reconfigure: ${why}`);
+    };
+    if (changes.listeners !== undefined && changes.listeners.length !== listeners.length) {
+      bad(`listeners has ${changes.listeners.length} entries, the gateway has ${listeners.length} listeners (changing listeners needs a restart)`);
+    }
+    if (changes.tls !== undefined && (!options.tls || !changes.tls.key || !changes.tls.cert)) bad('tls: needs key and cert, and a gateway created with tls (turning TLS on or off needs a restart)');
+    if (changes.authenticate !== undefined && (!options.authenticate || typeof changes.authenticate !== 'function')) {
+      bad('authenticate: must be a function, on a gateway created with authenticate (turning AUTH on or off needs a restart)');
+    }
+    // Build everything first (MilterChain checks each milter; a bad key or certificate
+    // throws here): a bad part changes nothing.
+    const milters = changes.milters ?? currentMilters;
+    const perListener = changes.listeners?.map((l) => l.milters) ?? currentListenerMilters;
+    const gatewayChain = chainFor(milters);
+    const next = listeners.map((l, i): Listener => {
+      const own = perListener[i];
+      const chain = own === undefined ? gatewayChain : chainFor(own);
+      const maxMessageBytes = sizeLimitOf(chain.milters);
+      return { ...l, chain, maxMessageBytes, tooLarge: smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`) };
+    });
+    const tlsOptions = changes.tls ? { key: changes.tls.key, cert: changes.tls.cert } : undefined;
+    if (tlsOptions) createSecureContext(tlsOptions);
+    for (const s of servers) if (tlsOptions) s.updateSecureContext(tlsOptions);
+    if (changes.authenticate) auth.authenticate = changes.authenticate;
+    currentMilters = milters;
+    currentListenerMilters = perListener;
+    current = next;
+    // The SIZE new EHLOs advertise.
+    for (const s of servers) (s.options as { size?: number }).size = currentProfile((s as GatewayServer).listener).maxMessageBytes;
+  }
+
   return {
+    reconfigure,
     get addresses() {
       return addresses;
     },

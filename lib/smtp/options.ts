@@ -174,6 +174,30 @@ export interface Gateway {
   close(options?: CloseOptions): Promise<void>;
   /** The bound addresses (after listen()). */
   readonly addresses: readonly { host: string; port: number }[];
+  /**
+   * Replaces what new connections get, without a restart (the CLI calls it on SIGHUP):
+   * connections open at the time keep the milter chain (and size limit) they started with
+   * until they close, and a TLS session already established keeps its certificate; a
+   * STARTTLS or AUTH after the call uses the new certificate or authenticate. Checked like createGateway's options (throws
+   * `DOVETAIL_ERR_INVALID_OPTIONS` and changes nothing when a part is malformed). What is
+   * not here (listen addresses, delivery, queue, limits) needs a new gateway.
+   */
+  reconfigure(changes: GatewayReconfiguration): void;
+}
+
+/** What {@link Gateway.reconfigure} can replace; a field left out stays as it is. */
+export interface GatewayReconfiguration {
+  /** The gateway's milter chain (for listeners without their own). */
+  readonly milters?: readonly Milter[];
+  /**
+   * Per listener, in the order of `listen`: its own chain, or `undefined` for the gateway's.
+   * Must have one entry per listener when given.
+   */
+  readonly listeners?: readonly { readonly milters?: readonly Milter[] | undefined }[];
+  /** New key and certificate (PEM); the gateway must have been created with `tls`. */
+  readonly tls?: { readonly key: string | Buffer; readonly cert: string | Buffer };
+  /** A new AUTH check; the gateway must have been created with `authenticate`. */
+  readonly authenticate?: (request: AuthRequest) => Promise<boolean>;
 }
 
 /** Checks the options up front, so a typo fails at start-up and not at the first DATA. */
