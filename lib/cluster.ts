@@ -80,13 +80,21 @@ export interface WorkerPool {
   rollingRestart(): Promise<void>;
   /** Drains every worker and waits for them to exit; no worker is replaced afterwards. */
   close(): Promise<void>;
+  /**
+   * Asks every live worker a question it answers with {@link WorkerChannel.answer} (say,
+   * its metrics) and resolves with the answers that came within `timeout` ms (default 5 000).
+   */
+  ask(topic: string, timeout?: number): Promise<unknown[]>;
 }
 
 /** The messages between the primary and a worker (an implementation detail, versioned by key). */
-const MSG = { ready: 'dovetail:ready', queued: 'dovetail:queued', drain: 'dovetail:drain', reload: 'dovetail:reload' } as const;
+const MSG = { ready: 'dovetail:ready', queued: 'dovetail:queued', drain: 'dovetail:drain', reload: 'dovetail:reload', ask: 'dovetail:ask', answer: 'dovetail:answer' } as const;
 interface PoolMessage {
   readonly dovetail: (typeof MSG)[keyof typeof MSG];
   readonly queueId?: string;
+  readonly topic?: string;
+  readonly id?: number;
+  readonly value?: unknown;
 }
 const isPoolMessage = (m: unknown): m is PoolMessage => typeof m === 'object' && m !== null && typeof (m as { dovetail?: unknown }).dovetail === 'string';
 
@@ -117,6 +125,8 @@ export function startWorkerPool(options: WorkerPoolOptions = {}): WorkerPool {
   const retiring = new Set<Worker>();
   const readiness = new Map<Worker, { resolve: () => void; reject: (e: Error) => void; promise: Promise<void> }>();
   let closing = false;
+  let asked = 0;
+  const questions = new Map<number, (value: unknown) => void>();
 
   function fork(slotIndex: number): Worker {
     const slot = slots[slotIndex]!;
@@ -139,6 +149,8 @@ export function startWorkerPool(options: WorkerPoolOptions = {}): WorkerPool {
         resolve();
       } else if (m.dovetail === MSG.queued && typeof m.queueId === 'string') {
         options.onQueued?.(m.queueId);
+      } else if (m.dovetail === MSG.answer && typeof m.id === 'number') {
+        questions.get(m.id)?.(m.value);
       }
     });
     worker.on('exit', (code, signal) => {
@@ -230,6 +242,30 @@ export function startWorkerPool(options: WorkerPoolOptions = {}): WorkerPool {
         if (old) await retire(old, i);
       }
     },
+    async ask(topic, timeout = 5_000) {
+      const live = slots.flatMap((s) => (s.worker && s.worker.isConnected() ? [s.worker] : []));
+      const answers = await Promise.all(
+        live.map(
+          (w) =>
+            new Promise<unknown>((resolve) => {
+              const id = ++asked;
+              const timer = setTimeout(() => done(undefined), timeout);
+              const done = (value: unknown): void => {
+                clearTimeout(timer);
+                questions.delete(id);
+                resolve(value);
+              };
+              questions.set(id, done);
+              try {
+                w.send({ dovetail: MSG.ask, topic, id });
+              } catch {
+                done(undefined);
+              }
+            }),
+        ),
+      );
+      return answers.filter((a) => a !== undefined);
+    },
     async close() {
       closing = true;
       for (const s of slots) if (s.timer) clearTimeout(s.timer);
@@ -250,6 +286,8 @@ export interface WorkerChannel {
   onDrain(handler: () => Promise<void> | void): void;
   /** What to do when the primary asks for a reload. */
   onReload(handler: () => Promise<void> | void): void;
+  /** Answers the primary's {@link WorkerPool.ask} about `topic` (the value must survive IPC serialisation). */
+  answer(topic: string, handler: () => Promise<unknown> | unknown): void;
 }
 
 /** The worker's side of the pool; throws outside a cluster worker. */
@@ -259,6 +297,7 @@ export function workerChannel(): WorkerChannel {
   const slot = Number(process.env.DOVETAIL_WORKER_SLOT ?? worker.id - 1);
   const drains: (() => Promise<void> | void)[] = [];
   const reloads: (() => Promise<void> | void)[] = [];
+  const answers = new Map<string, () => Promise<unknown> | unknown>();
   let draining = false;
   const send = (m: PoolMessage): void => {
     // The primary gone means this worker is going too; a notice that cannot be sent is
@@ -282,6 +321,13 @@ export function workerChannel(): WorkerChannel {
     if (!isPoolMessage(m)) return;
     if (m.dovetail === MSG.drain) void drain();
     else if (m.dovetail === MSG.reload) for (const h of reloads) void Promise.resolve().then(h).catch(() => {});
+    else if (m.dovetail === MSG.ask && typeof m.id === 'number') {
+      const h = m.topic === undefined ? undefined : answers.get(m.topic);
+      void Promise.resolve()
+        .then(() => h?.())
+        .catch(() => undefined)
+        .then((value) => send({ dovetail: MSG.answer, id: m.id!, value: value ?? null }));
+    }
   });
   // The primary died: nothing will hand this worker's connections out any more; drain.
   worker.on('disconnect', () => void drain());
@@ -291,5 +337,6 @@ export function workerChannel(): WorkerChannel {
     ready: () => send({ dovetail: MSG.ready }),
     onDrain: (h) => void drains.push(h),
     onReload: (h) => void reloads.push(h),
+    answer: (topic, h) => void answers.set(topic, h),
   };
 }

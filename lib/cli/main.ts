@@ -66,7 +66,7 @@ Options:
 Config files: ${DEFAULT_CONFIG_FILES.join(', ')} in the current directory, or -c <file>.
 See docs/cli.md.
 `,
-  start: `Usage: dovetail start [-c file]
+  start: `Usage: dovetail start [-c file] [--workers N]
 
 Loads and checks the config, starts the gateway (and its queue, the embedded store, the
 control socket, metrics if configured) and logs where it listens, as JSON lines on stdout
@@ -74,10 +74,13 @@ control socket, metrics if configured) and logs where it listens, as JSON lines 
 
 Options:
   -c, --config <file>   the config (.ts, .js, .mjs, .json). Default: ./dovetail.config.{ts,js,mjs,json}
+  -w, --workers <N>     one gateway process per core: N workers serve SMTP on the shared
+                        listeners, this process delivers the queue (docs/cluster.md)
   -h, --help            this help
 
 Signals: SIGTERM/SIGINT drain and stop (again: stop at once); SIGHUP reloads the config
-(milters, maps, certificates, authenticate; for new connections).
+(milters, maps, certificates, authenticate; for new connections); with --workers, SIGUSR2
+restarts the workers one at a time.
 Exit: 0 stopped; 1 bad config or start-up failure; 2 usage.
 `,
   'check-config': `Usage: dovetail check-config [-c file]
@@ -182,9 +185,21 @@ async function checkConfigCommand(args: readonly string[], io: Io): Promise<numb
 
 /** Runs `dovetail start`: resolves with the exit code once stopped by a signal. */
 async function startCommand(args: readonly string[], io: Io): Promise<number> {
-  const { values, positionals } = parse(args, configOption, USAGE.start);
+  const { values, positionals } = parse(args, { ...configOption, workers: { type: 'string', short: 'w' } }, USAGE.start);
   if (values['help']) return io.out(USAGE.start), 0;
   if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}\n\n${USAGE.start}`);
+  let workers: number | undefined;
+  if (values['workers'] !== undefined) {
+    workers = Number(values['workers']);
+    if (!/^\d+$/.test(String(values['workers'])) || !Number.isSafeInteger(workers) || workers < 1 || workers > 256) {
+      throw new UsageError(`--workers: expected an integer 1..256, got ${JSON.stringify(values['workers'])}\n\n${USAGE.start}`);
+    }
+  }
+  // A worker process runs this same command line (node:cluster forks it): it serves SMTP
+  // and takes its orders from the primary.
+  const { default: cluster } = await import('node:cluster');
+  const channel = workers !== undefined && cluster.isWorker ? (await import('../cluster.js')).workerChannel() : undefined;
+  if (channel) workers = undefined;
   let loaded: LoadedConfig & { config: CheckedConfig };
   try {
     loaded = await loadOrFail(values['config'] as string | undefined, io);
@@ -220,7 +235,7 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
   };
   let server: RunningServer;
   try {
-    server = await startServer(loaded.config, { dir: loaded.dir, logger });
+    server = await startServer(loaded.config, { dir: loaded.dir, logger, ...(workers !== undefined ? { workers } : {}), ...(channel ? { worker: channel } : {}) });
   } catch (err) {
     offEarly();
     if (err instanceof BuildError) {
@@ -235,7 +250,9 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
   }
   logger.info(
     {
-      event: 'listening',
+      event: channel ? 'worker-listening' : 'listening',
+      ...(channel ? { slot: channel.slot } : {}),
+      ...(workers !== undefined ? { workers, pids: server.pool?.pids() } : {}),
       config: loaded.file,
       listen: server.addresses,
       store: server.store,
@@ -246,6 +263,8 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
     `dovetail listening on ${server.addresses.map((a) => `${a.host}:${a.port}`).join(', ')}`,
   );
 
+  let stopped!: (code: number) => void;
+  const finished = new Promise<number>((r) => (stopped = r));
   return new Promise<number>((resolve) => {
     let stopping = false;
     let reloading: Promise<void> | undefined;
@@ -296,17 +315,41 @@ async function startCommand(args: readonly string[], io: Io): Promise<number> {
           code = 1;
         }
         logger.info({ event: 'stopped' }, 'stopped');
-        process.off('SIGHUP', onHup);
+        process.off('SIGHUP', onSignalHup);
         process.off('SIGTERM', onStop);
         process.off('SIGINT', onStop);
+        process.off('SIGUSR2', onRestart);
         logging.close();
+        stopped(code);
         resolve(code);
       })();
     };
-    process.on('SIGHUP', onHup);
+    // A worker reloads and drains when the primary says so; a SIGHUP sent to the whole
+    // process group (a terminal) is the primary's to act on.
+    const onSignalHup = channel ? (): void => undefined : onHup;
+    const onRestart = (): void => {
+      const pool = server.pool;
+      if (!pool || stopping) return;
+      logger.info({ event: 'rolling-restart', signal: 'SIGUSR2' }, 'SIGUSR2: restarting the workers one at a time');
+      void pool.rollingRestart().then(
+        () => logger.info({ event: 'rolling-restart-done', pids: pool.pids() }, 'workers restarted'),
+        (err: unknown) => logger.error({ event: 'rolling-restart-failed', err }, `rolling restart: ${(err as Error).message}`),
+      );
+    };
+    channel?.onReload(onHup);
+    channel?.onDrain(
+      () =>
+        new Promise<void>((done) => {
+          onStop('SIGTERM');
+          void finished.then(() => done());
+        }),
+    );
+    process.on('SIGHUP', onSignalHup);
     process.on('SIGTERM', onStop);
     process.on('SIGINT', onStop);
+    if (server.pool) process.on('SIGUSR2', onRestart);
     offEarly();
+    channel?.ready();
     if (stopWhenStarted) onStop(stopWhenStarted);
   });
 }

@@ -1,8 +1,14 @@
 /**
  * `dovetail start` without the process around it: startServer(config) starts the embedded
  * store (if configured), the queue (locked), the gateway and the control socket, and
- * returns something closable and reloadable. A primary process that forks workers (a later
- * issue) runs the same function in each.
+ * returns something closable and reloadable.
+ *
+ * With workers (`dovetail start --workers N`, docs/cluster.md) the same function runs in
+ * two roles: the primary (`workers`) starts the store, the delivering queue (locked), the
+ * control socket and metrics, then the worker pool, and serves no SMTP; each worker
+ * (`worker`) runs the gateway with a queue that only writes and hands its entries to the
+ * primary, reaches the primary's store at the address the primary passes down, and
+ * answers the primary's metrics requests (served aggregated by the primary).
  *
  * Reload (SIGHUP): the config is checked and built again; milters, maps, certificates and
  * authenticate are replaced for new connections (Gateway.reconfigure); a change to anything
@@ -24,11 +30,16 @@ import { parseSocketSpec } from '../milter/protocol/socket.js';
 import { enableMetrics, serveMetrics, type Metrics, type MetricsServer } from '../observe/index.js';
 import { buildDelivery, buildReloadable, listenOptions, pathsOf, staticGatewayOptions, BuildError, type Reloadable, type StoreAddress } from './build.js';
 import { serveControl, type ControlServer } from './control.js';
+import { AggregatorRegistry, Registry } from 'prom-client';
+import { startWorkerPool, type WorkerChannel, type WorkerPool } from '../cluster.js';
 import type { CheckedConfig, ConfigProblem } from './schema.js';
 
 /** A running server (what `dovetail start` runs). */
 export interface RunningServer {
-  readonly gateway: Gateway;
+  /** The gateway (none in the primary of a worker pool). */
+  readonly gateway: Gateway | undefined;
+  /** The worker pool (in its primary). */
+  readonly pool: WorkerPool | undefined;
   readonly queue: DeliveryQueue;
   /** The gateway's bound addresses. */
   readonly addresses: readonly { host: string; port: number }[];
@@ -58,6 +69,31 @@ export interface StartOptions {
   /** The directory relative paths are resolved against (the config file's). */
   readonly dir: string;
   readonly logger: Logger;
+  /** Run as the primary of this many workers (in the primary process). */
+  readonly workers?: number;
+  /** Run as a worker of a pool (in a cluster worker). */
+  readonly worker?: WorkerChannel;
+}
+
+/** The environment variable the primary passes its embedded store's address down in. */
+const STORE_ENV = 'DOVETAIL_STORE_ADDRESS';
+/** How long a worker leaving the pool lets its clients finish their sessions. */
+const WORKER_SESSION_WAIT = 60_000;
+
+/** Serves the primary's metrics together with every worker's, aggregated (prom-client's cluster aggregation). */
+class PoolRegistry extends Registry {
+  constructor(
+    private readonly own: Registry,
+    private readonly pool: WorkerPool,
+  ) {
+    super();
+  }
+
+  override async metrics(): Promise<string> {
+    const answers = await this.pool.ask('metrics');
+    const workers = answers.filter((a): a is Parameters<typeof AggregatorRegistry.aggregate>[0][number] => Array.isArray(a));
+    return AggregatorRegistry.aggregate([await this.own.getMetricsAsJSON(), ...workers]).metrics();
+  }
 }
 
 /**
@@ -126,6 +162,14 @@ export async function openDelivery(config: CheckedConfig, dir: string): Promise<
   }
 }
 
+/** A worker's delivery: the routes it builds itself, and the primary's embedded store at the address passed down. */
+async function workerDelivery(config: CheckedConfig, dir: string): Promise<{ transport: Transport; store: LmtpServer | undefined; close(): Promise<void> }> {
+  const raw = process.env[STORE_ENV];
+  const store = raw ? (JSON.parse(raw) as StoreAddress) : undefined;
+  const transport = await buildDelivery(config, dir, store, config.hostname, { createDirs: true });
+  return { transport, store: undefined, close: async () => transport.close?.() };
+}
+
 /**
  * Starts a server from a checked config.
  *
@@ -136,6 +180,11 @@ export async function openDelivery(config: CheckedConfig, dir: string): Promise<
 export async function startServer(config: CheckedConfig, options: StartOptions): Promise<RunningServer> {
   const { dir, logger } = options;
   const paths = pathsOf(config, dir);
+  const primary = options.workers !== undefined;
+  const worker = options.worker;
+  if (primary && listenOptions(config).some((l) => l.port === 0)) {
+    throw new BuildError([{ path: 'listen', message: 'with --workers every listener needs a fixed port (0 would give each worker its own)' }]);
+  }
   const cleanup: (() => Promise<unknown>)[] = [];
   const undo = async (): Promise<void> => {
     for (const f of cleanup.reverse()) await f().catch(() => undefined);
@@ -145,7 +194,7 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
     cleanup.push(() => current.close());
     const q = config.queue ?? {};
     await mkdir(paths.queueDir, { recursive: true, mode: 0o700 });
-    const delivery = await openDelivery(config, dir);
+    const delivery = worker ? await workerDelivery(config, dir) : await openDelivery(config, dir);
     cleanup.push(() => delivery.close());
     const { dir: _d, ...queueOptions } = q as Omit<QueueOptions, 'transport'>;
     const queue = createQueue({
@@ -153,7 +202,8 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
       ...(queueOptions.hostname === undefined && config.hostname !== undefined ? { hostname: config.hostname } : {}),
       dir: paths.queueDir,
       transport: delivery.transport,
-      lock: true,
+      // A worker's queue only writes (the primary holds the lock and delivers).
+      ...(worker ? { deliver: false, onCommitted: worker.queued } : { lock: true }),
     });
     // Take the queue's lock (and recover it) before anything listens.
     await queue.start();
@@ -164,7 +214,8 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
       const own = current.listenerMilters[i];
       return own === undefined ? l : { ...l, milters: own };
     });
-    const gateway = createGateway({
+    let pool: WorkerPool | undefined;
+    const gateway = primary ? undefined : createGateway({
       ...staticGatewayOptions(config, dir),
       listen,
       milters: current.milters,
@@ -174,20 +225,43 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
       ...(current.tls ? { tls: current.tls } : {}),
       ...(current.authenticate ? { authenticate: current.authenticate } : {}),
     });
-    const addresses = await gateway.listen();
-    cleanup.push(() => gateway.close());
-    const control: ControlServer = await serveControl(paths.controlSocket, queue, (err) => logger.error({ err }, 'control socket error'));
-    cleanup.push(() => control.close());
+    let addresses: readonly { host: string; port: number }[];
+    if (gateway) {
+      addresses = await gateway.listen();
+      // A worker leaving the pool lets its clients finish (the other workers take new ones).
+      cleanup.push(() => gateway.close(worker ? { sessions: WORKER_SESSION_WAIT } : {}));
+    } else {
+      const store = delivery.store?.address;
+      const p = startWorkerPool({
+        workers: options.workers!,
+        onQueued: (id) => void queue.adopt(id).catch((err: unknown) => logger.error({ err, queueId: id }, 'adopting a worker\'s queue entry failed')),
+        onEvent: (e) => (e.event === 'worker-exited' && !e.expected ? logger.error : logger.info).call(logger, { ...e }, `${e.event} (slot ${e.slot})`),
+        ...(store ? { env: { [STORE_ENV]: JSON.stringify(store) } } : {}),
+      });
+      pool = p;
+      cleanup.push(() => p.close());
+      await p.ready();
+      addresses = listenOptions(config).map((l) => ({ host: l.host ?? '127.0.0.1', port: l.port }));
+    }
+    if (!worker) {
+      const control: ControlServer = await serveControl(paths.controlSocket, queue, (err) => logger.error({ err }, 'control socket error'));
+      cleanup.push(() => control.close());
+    }
     let metrics: Metrics | undefined;
     let metricsServer: MetricsServer | undefined;
-    if (config.metrics) {
+    if (config.metrics && worker) {
+      // A worker's metrics go to the primary, which serves them aggregated.
+      const m = enableMetrics({});
+      cleanup.push(async () => m.close());
+      worker.answer('metrics', () => m.registry.getMetricsAsJSON());
+    } else if (config.metrics) {
       metrics = enableMetrics({ queues: [queue] });
       const m = metrics;
       cleanup.push(async () => m.close());
       const l = config.metrics.listen;
       const at = typeof l === 'number' ? { host: '127.0.0.1', port: l } : parseSocketSpec(/^inet6?:/i.test(l) ? l : `inet:${l}`);
       if ('path' in at) throw new BuildError([{ path: 'metrics.listen', message: 'expected "host:port"' }]);
-      metricsServer = await serveMetrics({ registry: metrics.registry, host: at.host ?? '127.0.0.1', port: at.port });
+      metricsServer = await serveMetrics({ registry: pool ? new PoolRegistry(metrics.registry, pool) : metrics.registry, host: at.host ?? '127.0.0.1', port: at.port });
       const ms = metricsServer;
       cleanup.push(() => ms.close());
     }
@@ -195,6 +269,7 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
     const retired = new Map<NodeJS.Timeout, Reloadable>();
     return {
       gateway,
+      pool,
       queue,
       addresses,
       store: delivery.store?.address,
@@ -211,8 +286,14 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
           if (err instanceof BuildError) return { applied: false, problems: err.problems, needRestart };
           throw err;
         }
+        if (pool) {
+          // The primary serves no SMTP: the config checked and built, each worker reloads it.
+          await fresh.close();
+          pool.reload();
+          return { applied: true, problems: [], needRestart };
+        }
         try {
-          gateway.reconfigure({
+          gateway!.reconfigure({
             milters: fresh.milters,
             listeners: listenOptions(config).map((_, i) => ({ milters: fresh.listenerMilters[i] })),
             ...(fresh.tls && current.tls ? { tls: fresh.tls } : {}),
