@@ -2,7 +2,7 @@
  * Test helper: a real HAProxy (Debian's haproxy package, installed by
  * scripts/install-peers.sh) in TCP mode on a free loopback port, in front of the given
  * backends, round-robin, writing a PROXY header to each: `send-proxy` (v1) or
- * `send-proxy-v2`. Private config and socket files in a temp directory; run in the
+ * `send-proxy-v2` (or `send-proxy-v2-ssl` behind a TLS-terminating frontend). Private config and socket files in a temp directory; run in the
  * foreground (`-db`) as a child of the test. Throws (never skips) when the binary is missing.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -22,10 +22,20 @@ export interface Haproxy {
 
 const BINARY = '/usr/sbin/haproxy';
 
-export async function startHaproxy(backends: readonly number[], proxy: 'send-proxy' | 'send-proxy-v2'): Promise<Haproxy> {
+/**
+ * `proxy` is the server keyword: `send-proxy` (v1), `send-proxy-v2`, or `send-proxy-v2-ssl`
+ * (v2 with the SSL TLVs; give `tls` so the frontend terminates TLS, as for port 465).
+ */
+export async function startHaproxy(
+  backends: readonly number[],
+  proxy: 'send-proxy' | 'send-proxy-v2' | 'send-proxy-v2-ssl',
+  options: { readonly tls?: { readonly key: string; readonly cert: string } } = {},
+): Promise<Haproxy> {
   if (!existsSync(BINARY)) throw new Error(`${BINARY} is missing: run scripts/install-peers.sh (Debian package haproxy)`);
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-haproxy-'));
   const port = await freePort();
+  const pem = path.join(dir, 'frontend.pem');
+  if (options.tls) await fs.writeFile(pem, options.tls.cert + options.tls.key, { mode: 0o600 });
   const config = [
     'global',
     '  maxconn 200',
@@ -36,7 +46,7 @@ export async function startHaproxy(backends: readonly number[], proxy: 'send-pro
     '  timeout client 60s',
     '  timeout server 60s',
     'frontend smtp',
-    `  bind 127.0.0.1:${port}`,
+    `  bind 127.0.0.1:${port}${options.tls ? ` ssl crt ${pem}` : ''}`,
     '  default_backend gateways',
     'backend gateways',
     '  balance roundrobin',
