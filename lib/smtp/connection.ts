@@ -130,7 +130,7 @@ export class GatewayConnection extends ExactConnection {
     const name = line.split(' ', 1)[0]?.toUpperCase() ?? '';
     // A PROXY v1 line, or the CRLF that starts the v2 signature before our greeting, from a
     // peer the listener does not trust for it (trusted peers' headers never reach here).
-    if (this.onUntrustedProxy && !this._nextHandler && (name === 'PROXY' || (!this._ready && line.trim() === ''))) {
+    if (this.onUntrustedProxy && !this._nextHandler && (name === 'PROXY' || line.startsWith('\0') || (!this._ready && line.trim() === ''))) {
       this.onUntrustedProxy(name === 'PROXY' ? 'PROXY v1 header' : 'PROXY v2 header (or an early empty line)');
       this.send(421, markedReply(smtpReply(421, '4.7.0', `${this.hostname} Error: PROXY protocol header from an untrusted source`)));
       callback?.();

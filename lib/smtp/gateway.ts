@@ -509,7 +509,7 @@ export function createGateway(options: GatewayOptions): Gateway {
       connection.xforwardTrusted = this.listener.xforwardTrusted;
       connection.hostname = hostname;
       const peer = socket.remoteAddress ?? '';
-      if (this.listener.proxyTrusted) {
+      if (this.listener.proxyTrusted && !this.listener.proxyTrusted(peer)) {
         connection.onUntrustedProxy = (what) =>
           channels.error.publish({ sessionId: connection.session.id, error: new DovetailError(ErrorCodes.PROXY_UNTRUSTED, `${what} from ${peer}, which is not in proxyProtocol.trusted: refused`) });
       }

@@ -50,7 +50,8 @@ export async function startHaproxy(
     '  default_backend gateways',
     'backend gateways',
     '  balance roundrobin',
-    ...backends.map((p, i) => `  server node${i + 1} 127.0.0.1:${p} ${proxy}`),
+    // send-proxy-v2-ssl sends the TLS version only; the cipher and SNI TLVs are options.
+    ...backends.map((p, i) => `  server node${i + 1} 127.0.0.1:${p} ${proxy}${proxy === 'send-proxy-v2-ssl' ? ' proxy-v2-options ssl-cipher,authority' : ''}`),
     '',
   ].join('\n');
   const file = path.join(dir, 'haproxy.cfg');

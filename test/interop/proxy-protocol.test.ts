@@ -1,0 +1,128 @@
+/**
+ * The PROXY protocol on a gateway listener, in process, over real sockets:
+ * - a real HAProxy terminating TLS (`bind … ssl`, `send-proxy-v2-ssl`): the milters see the
+ *   client's address and the TLS facts HAProxy passed on (ctx.tls, the macros, Received);
+ * - a v2 header with an IPv6 client, and a v2 LOCAL header (HAProxy's health checks): the
+ *   connection's own address stands;
+ * - a trusted peer that sends nothing is dropped after proxyProtocol.timeout, one that sends
+ *   an over-long header at once; an untrusted peer on the same listener is an ordinary client;
+ * - option checks.
+ */
+import assert from 'node:assert/strict';
+import diagnostics_channel from 'node:diagnostics_channel';
+import { after, describe, it } from 'node:test';
+import { Channels, createGateway, defineMilter, DovetailError, encodeProxyHeader, maildir, type SessionContext } from '../../lib/index.js';
+import { startHaproxy } from '../helpers/haproxy.js';
+import { RawClient, startGateway, stored, type TestGateway } from '../helpers/smtp.js';
+import { selfSignedCert } from '../helpers/tls.js';
+import { waitFor } from '../helpers/wait.js';
+
+const seen: { stage: string; address: string; port: number; tls: SessionContext['tls']; macros: Record<string, string> }[] = [];
+const recorder = defineMilter({
+  name: 'recorder',
+  async connect(ctx) {
+    seen.push({ stage: 'connect', address: ctx.client.address, port: ctx.client.port, tls: ctx.tls, macros: { ...ctx.macros } });
+  },
+  async mail(ctx) {
+    seen.push({ stage: 'mail', address: ctx.client.address, port: ctx.client.port, tls: ctx.tls, macros: { ...ctx.macros } });
+  },
+});
+
+const errors: { code?: string; message?: string }[] = [];
+const onError = (m: unknown): void => void errors.push((m as { error: { code?: string; message?: string } }).error);
+diagnostics_channel.subscribe(Channels.error, onError);
+
+const gateways: TestGateway[] = [];
+after(async () => {
+  diagnostics_channel.unsubscribe(Channels.error, onError);
+  for (const g of gateways) await g.close();
+});
+
+async function proxied(timeout?: number): Promise<TestGateway> {
+  const g = await startGateway({
+    listen: { host: '127.0.0.1', port: 0, proxyProtocol: { trusted: ['127.0.0.1/32', '::1'], ...(timeout ? { timeout } : {}) } },
+    milters: [recorder],
+  });
+  gateways.push(g);
+  return g;
+}
+
+describe('PROXY protocol listener', () => {
+  it('HAProxy terminating TLS with send-proxy-v2-ssl: the client address and its TLS reach the milters and Received', async () => {
+    const g = await proxied();
+    const haproxy = await startHaproxy([g.port], 'send-proxy-v2-ssl', { tls: selfSignedCert('mx.test') });
+    try {
+      const c = await RawClient.connect(haproxy.port, { implicitTls: true, localAddress: '127.0.0.77' });
+      assert.equal((await c.reply()).code, 220, haproxy.log());
+      assert.equal((await c.cmd('EHLO tls-client.example')).code, 250);
+      assert.equal((await c.cmd('MAIL FROM:<s@example.org>')).code, 250);
+      assert.equal((await c.cmd('RCPT TO:<bob@example.test>')).code, 250);
+      assert.equal((await c.data('Subject: via haproxy tls\r\n\r\nhi\r\n')).code, 250);
+      c.close();
+    } finally {
+      await haproxy.stop();
+    }
+    const mail = seen.find((s) => s.stage === 'mail' && s.address === '127.0.0.77');
+    assert.ok(mail, JSON.stringify(seen));
+    assert.match(mail.tls?.version ?? '', /^TLSv1\.[23]$/);
+    assert.ok(mail.tls!.cipher.length > 3 && mail.tls!.bits >= 128, JSON.stringify(mail.tls));
+    assert.equal(mail.macros['{client_addr}'], '127.0.0.77');
+    assert.equal(mail.macros['{tls_version}'], mail.tls!.version);
+    const [msg] = await stored(g.root, 'bob@example.test');
+    assert.match(msg!.toString('latin1'), /^Received: from tls-client\.example \(unknown \[127\.0\.0\.77\]\)\r\n\t\(using TLSv1\.[23] with cipher /m);
+  });
+
+  it('v2 with an IPv6 client; v2 LOCAL (a health check) keeps the connection’s own address', async () => {
+    const g = await proxied();
+    const c = await RawClient.connect(g.port);
+    c.write(encodeProxyHeader(2, { source: { address: '2001:db8::25', port: 5555 }, destination: { address: '2001:db8::1', port: 25 } }));
+    assert.equal((await c.reply()).code, 220);
+    await c.cmd('EHLO v6.example');
+    assert.equal((await c.cmd('MAIL FROM:<s@example.org>')).code, 250);
+    c.close();
+    assert.ok(seen.some((s) => s.stage === 'mail' && s.address === '2001:db8::25' && s.port === 5555 && s.macros['{client_addr}'] === '2001:db8::25'));
+    const local = await RawClient.connect(g.port);
+    local.write(encodeProxyHeader(2, 'local'));
+    assert.equal((await local.reply()).code, 220);
+    assert.equal((await local.cmd('QUIT')).code, 221);
+    local.close();
+    assert.ok(seen.some((s) => s.stage === 'connect' && s.address === '127.0.0.1'));
+  });
+
+  it('a trusted peer that says nothing is dropped after the timeout; an over-long header at once; logged', async () => {
+    const g = await proxied(300);
+    const before = errors.length;
+    const silent = await RawClient.connect(g.port);
+    await silent.waitClosed(10_000);
+    assert.equal(silent.closed, true);
+    const long = await RawClient.connect(g.port);
+    long.write(`PROXY TCP4 ${'9'.repeat(200)}\r\n`);
+    await long.waitClosed(10_000);
+    await waitFor('two PROXY protocol errors', () => errors.slice(before).filter((e) => e.code === 'DOVETAIL_ERR_PROXY_PROTOCOL').length >= 2);
+    const msgs = errors.slice(before).map((e) => e.message ?? '');
+    assert.ok(msgs.some((m) => /no PROXY header in time/.test(m)) && msgs.some((m) => /longer than 107 bytes/.test(m)), msgs.join('\n'));
+  });
+
+  it('an untrusted peer on the same listener is an ordinary client', async () => {
+    const g = await proxied();
+    const c = await RawClient.connect(g.port, { localAddress: '127.0.0.78' });
+    assert.equal((await c.reply()).code, 220);
+    await c.cmd('EHLO direct.example');
+    assert.equal((await c.cmd('MAIL FROM:<s@example.org>')).code, 250);
+    c.close();
+    assert.ok(seen.some((s) => s.stage === 'mail' && s.address === '127.0.0.78'));
+  });
+
+  it('option checks name the field', () => {
+    const make = (listen: object): unknown => createGateway({ delivery: maildir({ root: '/nonexistent' }), listen: { port: 0, ...listen } });
+    for (const [listen, re] of [
+      [{ proxyProtocol: { trusted: ['not-an-address'] } }, /proxyProtocol\.trusted/],
+      [{ proxyProtocol: {} }, /proxyProtocol\.trusted must be a list/],
+      [{ proxyProtocol: { trusted: [], timeout: 0 } }, /proxyProtocol\.timeout/],
+      [{ xclient: { trusted: ['10.0.0.0/33'] } }, /xclient\.trusted/],
+      [{ xforward: { trusted: 'x' } }, /xforward\.trusted/],
+    ] as const) {
+      assert.throws(() => make(listen), (e: unknown) => e instanceof DovetailError && e.code === 'DOVETAIL_ERR_INVALID_OPTIONS' && re.test(e.message), JSON.stringify(listen));
+    }
+  });
+});
