@@ -29,7 +29,7 @@ const BINARY = '/usr/sbin/haproxy';
 export async function startHaproxy(
   backends: readonly number[],
   proxy: 'send-proxy' | 'send-proxy-v2' | 'send-proxy-v2-ssl',
-  options: { readonly tls?: { readonly key: string; readonly cert: string } } = {},
+  options: { readonly tls?: { readonly key: string; readonly cert: string }; readonly check?: boolean } = {},
 ): Promise<Haproxy> {
   if (!existsSync(BINARY)) throw new Error(`${BINARY} is missing: run scripts/install-peers.sh (Debian package haproxy)`);
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-haproxy-'));
@@ -51,7 +51,7 @@ export async function startHaproxy(
     'backend gateways',
     '  balance roundrobin',
     // send-proxy-v2-ssl sends the TLS version only; the cipher and SNI TLVs are options.
-    ...backends.map((p, i) => `  server node${i + 1} 127.0.0.1:${p} ${proxy}${proxy === 'send-proxy-v2-ssl' ? ' proxy-v2-options ssl-cipher,authority' : ''}`),
+    ...backends.map((p, i) => `  server node${i + 1} 127.0.0.1:${p} ${proxy}${proxy === 'send-proxy-v2-ssl' ? ' proxy-v2-options ssl-cipher,authority' : ''}${options.check ? ' check check-send-proxy inter 200ms' : ''}`),
     '',
   ].join('\n');
   const file = path.join(dir, 'haproxy.cfg');

@@ -10,8 +10,10 @@
  */
 import assert from 'node:assert/strict';
 import diagnostics_channel from 'node:diagnostics_channel';
+import net from 'node:net';
 import { after, describe, it } from 'node:test';
 import { Channels, createGateway, defineMilter, DovetailError, encodeProxyHeader, maildir, type SessionContext } from '../../lib/index.js';
+import { PROXY_V2_SIGNATURE } from '../../lib/smtp/proxy.js';
 import { startHaproxy } from '../helpers/haproxy.js';
 import { RawClient, startGateway, stored, type TestGateway } from '../helpers/smtp.js';
 import { selfSignedCert } from '../helpers/tls.js';
@@ -101,6 +103,30 @@ describe('PROXY protocol listener', () => {
     await waitFor('two PROXY protocol errors', () => errors.slice(before).filter((e) => e.code === 'DOVETAIL_ERR_PROXY_PROTOCOL').length >= 2);
     const msgs = errors.slice(before).map((e) => e.message ?? '');
     assert.ok(msgs.some((m) => /no PROXY header in time/.test(m)) && msgs.some((m) => /longer than 107 bytes/.test(m)), msgs.join('\n'));
+  });
+
+  it('HAProxy health checks with check-send-proxy (v2 LOCAL, then close) are not errors', async () => {
+    const g = await proxied();
+    const before = errors.length;
+    // A second backend that only counts the checks HAProxy makes (same interval as the gateway's).
+    const checks: Buffer[] = [];
+    const counter = net.createServer((s) => {
+      const got: Buffer[] = [];
+      s.on('data', (d) => got.push(d));
+      s.on('close', () => checks.push(Buffer.concat(got)));
+      s.on('error', () => undefined);
+    });
+    await new Promise<void>((resolve) => counter.listen(0, '127.0.0.1', resolve));
+    const haproxy = await startHaproxy([g.port, (counter.address() as net.AddressInfo).port], 'send-proxy-v2', { check: true });
+    try {
+      await waitFor('three health checks', () => checks.length >= 3, 15_000, () => haproxy.log());
+    } finally {
+      await haproxy.stop();
+      counter.close();
+    }
+    // What HAProxy sent: a v2 LOCAL header (0x20), nothing else.
+    assert.ok(checks.every((c) => c.subarray(0, 13).equals(Buffer.concat([PROXY_V2_SIGNATURE, Buffer.from([0x20])]))), checks.map((c) => c.toString('hex')).join('\n'));
+    assert.deepEqual(errors.slice(before).filter((e) => e.code === 'DOVETAIL_ERR_PROXY_PROTOCOL'), []);
   });
 
   it('an untrusted peer on the same listener is an ordinary client', async () => {
