@@ -31,6 +31,9 @@ export function authHandler(
   const limit = options.maxAuthFailures ?? 5;
   const delay = options.authFailureDelay ?? 1000;
   return (auth, session, cb) => {
+    // XCLIENT LOGIN=<name> (Postfix XCLIENT_README): the trusted front authenticated the
+    // client; only reachable from a peer in the listener's xclient.trusted list.
+    if (auth.method === 'XCLIENT' && auth.username) return cb(null, { user: { username: auth.username, method: 'XCLIENT' } });
     const check = options.authenticate;
     if (!check || (auth.method !== 'PLAIN' && auth.method !== 'LOGIN')) {
       return cb(Object.assign(new Error('Authentication not available'), { responseCode: 504 }));

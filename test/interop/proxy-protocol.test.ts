@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import diagnostics_channel from 'node:diagnostics_channel';
 import net from 'node:net';
 import { after, describe, it } from 'node:test';
-import { Channels, createGateway, defineMilter, DovetailError, encodeProxyHeader, maildir, type SessionContext } from '../../lib/index.js';
+import { Channels, createGateway, defineMilter, DovetailError, encodeProxyHeader, maildir, reject, type SessionContext } from '../../lib/index.js';
 import { PROXY_V2_SIGNATURE } from '../../lib/smtp/proxy.js';
 import { startHaproxy } from '../helpers/haproxy.js';
 import { RawClient, startGateway, stored, type TestGateway } from '../helpers/smtp.js';
@@ -150,5 +150,50 @@ describe('PROXY protocol listener', () => {
     ] as const) {
       assert.throws(() => make(listen), (e: unknown) => e instanceof DovetailError && e.code === 'DOVETAIL_ERR_INVALID_OPTIONS' && re.test(e.message), JSON.stringify(listen));
     }
+  });
+});
+
+describe('XCLIENT in process', () => {
+  it('LOGIN= makes the forwarded client authenticated; a connect-stage refusal of the forwarded client is the reply to MAIL', async () => {
+    const auths: (string | undefined)[] = [];
+    const g = await startGateway({
+      listen: { host: '127.0.0.1', port: 0, xclient: { trusted: ['127.0.0.0/8'] } },
+      milters: [
+        defineMilter({
+          name: 'blocklist',
+          async connect(ctx) {
+            if (ctx.client.address === '192.0.2.66') return reject(554, '5.7.1', 'blocked client');
+            return undefined;
+          },
+          async mail(ctx) {
+            auths.push(ctx.auth ? `${ctx.auth.method}:${ctx.auth.user}` : undefined);
+          },
+        }),
+      ],
+    });
+    gateways.push(g);
+    const c = await RawClient.connect(g.port);
+    await c.reply();
+    await c.cmd('EHLO front.example');
+    assert.equal((await c.cmd('XCLIENT ADDR=192.0.2.65 LOGIN=alice')).code, 220);
+    await c.cmd('EHLO front.example');
+    assert.equal((await c.cmd('MAIL FROM:<alice@example.org>')).code, 250);
+    c.close();
+    assert.deepEqual(auths, ['XCLIENT:alice']);
+    const d = await RawClient.connect(g.port);
+    await d.reply();
+    await d.cmd('EHLO front.example');
+    assert.equal((await d.cmd('XCLIENT ADDR=192.0.2.66')).code, 220);
+    await d.cmd('EHLO front.example');
+    const r = await d.cmd('MAIL FROM:<x@example.org>');
+    assert.match(r.text, /^554 5\.7\.1 blocked client/);
+    d.close();
+    // After XCLIENT ADDR the session belongs to the forwarded client: no second XCLIENT.
+    const e = await RawClient.connect(g.port);
+    await e.reply();
+    await e.cmd('EHLO front.example');
+    assert.equal((await e.cmd('XCLIENT ADDR=192.0.2.67')).code, 220);
+    assert.equal((await e.cmd('XCLIENT ADDR=192.0.2.68')).code, 550);
+    e.close();
   });
 });
