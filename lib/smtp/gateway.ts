@@ -150,6 +150,8 @@ export function createGateway(options: GatewayOptions): Gateway {
   const anvil: Anvil | undefined = options.anvil ?? (options.clientLimits === false ? undefined : memoryAnvil(options.clientLimits ?? {}));
   /** What to call when a counted connection goes. */
   const releases = new WeakMap<SMTPServerSession, () => void>();
+  /** Sessions that have closed (an anvil answer arriving later releases at once). */
+  const gone = new WeakSet<SMTPServerSession>();
   /** Each session's connection (for what the PROXY header said about it). */
   const connectionOf = new WeakMap<SMTPServerSession, GatewayConnection>();
   /** What a trusted proxy's header said, per accepted socket, until connect() picks it up. */
@@ -171,6 +173,11 @@ export function createGateway(options: GatewayOptions): Gateway {
       if (got.why === 'unavailable') return smtpReply(421, '4.3.0', `${hostname} Error: temporary failure of a shared store, try again later`);
       channels.error.publish({ sessionId: session.id, error: new DovetailError(ErrorCodes.CLIENT_LIMIT, `${client}: ${got.why === 'count' ? 'too many connections' : 'connection rate'} limit`) });
       return smtpReply(421, '4.7.0', `${hostname} Error: too many ${got.why === 'count' ? 'connections' : 'connection requests'} from ${client}`);
+    }
+    if (gone.has(session)) {
+      // The client left while the store answered: nothing will release it later.
+      got.release();
+      return undefined;
     }
     releases.get(session)?.();
     releases.set(session, got.release);
@@ -525,7 +532,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       };
       connection.onHelo = (session) => {
         const gs = sessions.get(session);
-        if (gs) void runHelo(gs, session);
+        // Its outcome is awaited (and any failure answered) at MAIL FROM.
+        if (gs) runHelo(gs, session).catch(() => undefined);
       };
       adoptConnection(this, connection);
     }
@@ -604,6 +612,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         });
       },
       onClose: (session) => {
+        gone.add(session);
         releases.get(session)?.();
         releases.delete(session);
         const gs = sessions.get(session);

@@ -66,6 +66,9 @@ export interface ListenOptions {
    * XFORWARD (Postfix's XFORWARD_README, smtp_send_xforward_command) from a peer in
    * `trusted` (smtpd_authorized_xforward_hosts): ADDR, NAME, PORT, HELO replace the
    * client's for the next transaction (the milters see a new session, as for XCLIENT).
+   * Unlike Postfix, which resets them after each transaction, they stay until the next
+   * XFORWARD on the connection (smtp-server keeps them): a front that forwards some
+   * transactions and not others should not reuse the connection for both.
    * Anyone else gets `550 5.7.0 Error: insufficient authorization`.
    */
   readonly xforward?: { readonly trusted: readonly string[] };

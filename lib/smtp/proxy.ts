@@ -6,9 +6,10 @@
  * 2.2, 2.2.5 for the TLS TLVs).
  *
  * The decoder is pure (bytes in, a header out; no sockets, no timers) and bounded: it never
- * holds more than `maxBytes` (default 1024: a v1 line is at most 107 bytes and HAProxy's v2
- * headers with TLS TLVs stay well under that), and it never allocates by a length the peer
- * sent before checking it against that bound.
+ * waits for more than `maxBytes` (default 1024: a v1 line is at most 107 bytes and HAProxy's
+ * v2 headers with TLS TLVs stay well under that) — it holds at most that plus the last chunk
+ * pushed — and it never allocates by a length the peer sent before checking it against
+ * that bound.
  *
  * Why not smtp-server's `useProxy`: it reads version 1 only (a v2 header is refused as
  * garbage), it carries no TLS facts, and its trust list matches exact addresses, not
@@ -107,7 +108,6 @@ export class ProxyHeaderDecoder {
 
   push(chunk: Buffer): ProxyDecodeResult {
     if (this.finished) throw new ProxyProtocolError('header already decoded');
-    // Never hold more than maxBytes: what is beyond it is not ours to read yet.
     this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk]);
     const buf = this.buf;
     const first = buf[0];
