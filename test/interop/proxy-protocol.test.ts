@@ -14,6 +14,8 @@ import net from 'node:net';
 import { after, describe, it } from 'node:test';
 import { Channels, createGateway, defineMilter, DovetailError, encodeProxyHeader, maildir, reject, type SessionContext } from '../../lib/index.js';
 import { PROXY_V2_SIGNATURE } from '../../lib/smtp/proxy.js';
+import { relayControl, dnsbl } from '../../milters/index.js';
+import { startDnsServer } from '../helpers/dns-server.js';
 import { startHaproxy } from '../helpers/haproxy.js';
 import { RawClient, startGateway, stored, type TestGateway } from '../helpers/smtp.js';
 import { selfSignedCert } from '../helpers/tls.js';
@@ -197,3 +199,59 @@ describe('XCLIENT in process', () => {
     e.close();
   });
 });
+
+describe('the PROXY-named client is the client for every check', () => {
+  it('relayControl (mynetworks), dnsbl, the per-client limit and the connect channel see it, not the proxy', async () => {
+    const dns = await startDnsServer();
+    dns.a('99.2.0.192.bl.example', '127.0.0.2');
+    const resolver = dns.resolver({ timeout: 2000 });
+    const connects: string[] = [];
+    const onConnect = (m: unknown): void => void connects.push((m as { client: { address: string } }).client.address);
+    diagnostics_channel.subscribe(Channels.connect, onConnect);
+    try {
+      const g = await startGateway({
+        listen: { host: '127.0.0.1', port: 0, proxyProtocol: { trusted: ['127.0.0.1'] } },
+        milters: [relayControl({ mynetworks: ['192.0.2.0/28'], localDomains: ['example.test'] }), dnsbl({ resolver, zones: ['bl.example'] })],
+        clientLimits: { maxConnections: 1 },
+      });
+      gateways.push(g);
+      const as = async (client: string, rcpt: string): Promise<string> => {
+        const c = await RawClient.connect(g.port);
+        c.write(encodeProxyHeader(2, { source: { address: client, port: 1000 }, destination: { address: '127.0.0.1', port: 25 } }));
+        const greeting = await c.reply();
+        if (greeting.code !== 220) {
+          c.close();
+          return greeting.text;
+        }
+        await c.cmd('EHLO c.example');
+        await c.cmd('MAIL FROM:<s@example.org>');
+        const r = await c.cmd(`RCPT TO:<${rcpt}>`);
+        c.close();
+        await c.waitClosed().catch(() => undefined);
+        return r.text;
+      };
+      // In mynetworks: may relay. Outside: may not. Listed: refused by dnsbl, naming the client.
+      assert.match(await as('192.0.2.5', 'far@elsewhere.example'), /^250 /);
+      assert.match(await as('198.51.100.1', 'far@elsewhere.example'), /^554 5\.7\.1 .*Relay access denied/);
+      assert.match(await as('192.0.2.99', 'u@example.test'), /^554 5\.7\.1 .*192\.0\.2\.99.*bl\.example/);
+      // The limit (1 connection per client) counts the named client: two clients through one proxy address both get in.
+      const one = await RawClient.connect(g.port);
+      one.write(encodeProxyHeader(1, { source: { address: '203.0.113.1', port: 1 }, destination: { address: '127.0.0.1', port: 25 } }));
+      assert.equal((await one.reply()).code, 220);
+      const two = await RawClient.connect(g.port);
+      two.write(encodeProxyHeader(1, { source: { address: '203.0.113.2', port: 1 }, destination: { address: '127.0.0.1', port: 25 } }));
+      assert.equal((await two.reply()).code, 220);
+      const again = await RawClient.connect(g.port);
+      again.write(encodeProxyHeader(1, { source: { address: '203.0.113.1', port: 2 }, destination: { address: '127.0.0.1', port: 25 } }));
+      assert.match((await again.reply()).text, /^421 4\.7\.0 mx\.test Error: too many connections from 203\.0\.113\.1/);
+      for (const c of [one, two, again]) c.close();
+      for (const a of ['192.0.2.5', '198.51.100.1', '192.0.2.99', '203.0.113.1', '203.0.113.2']) assert.ok(connects.includes(a), `connect channel: ${connects.join(', ')}`);
+      assert.ok(!connects.includes('127.0.0.1'));
+    } finally {
+      diagnostics_channel.unsubscribe(Channels.connect, onConnect);
+      resolver.cancel();
+      await dns.close();
+    }
+  });
+});
+
