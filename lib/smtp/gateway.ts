@@ -48,19 +48,13 @@ import { GatewayConnection } from './connection.js';
 import { ingest, type IngestProblem } from './ingest.js';
 import { validateOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
 import { newQueueId, receivedValue } from './received.js';
-import { MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
+import { cipherBits, MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
 import { domainOf } from '../delivery/domains.js';
 import { networkList } from '../networks.js';
 import { ProxyHeaderDecoder, type ProxyHeader } from './proxy.js';
 
 export type { AuthRequest, Gateway, GatewayOptions, ListenOptions } from './options.js';
 
-/** Key bits of a cipher named by the proxy (PP2_SUBTYPE_SSL_CIPHER), as session.ts reckons them. */
-function tlsBits(name: string): number {
-  if (/CHACHA20|AES_?256|AES256/i.test(name)) return 256;
-  if (/AES_?128|AES128/i.test(name)) return 128;
-  return 0;
-}
 
 const REPLIES = {
   headerTooLarge: smtpReply(552, '5.3.4', 'Error: message header too big'),
@@ -102,6 +96,8 @@ interface GatewaySession {
   heloRefusal: SmtpReply | undefined;
   /** Failed AUTH attempts on this connection. */
   authFailures: number;
+  /** The client reached a trusted proxy over TLS (PROXY v2 SSL TLV): AUTH counts as encrypted. */
+  proxiedTls: boolean;
 }
 
 /** Creates a gateway (call listen() to start it). */
@@ -204,12 +200,12 @@ export function createGateway(options: GatewayOptions): Gateway {
     const header = connectionOf.get(session)?.proxyHeader;
     if (header?.tls) {
       // TLS between the client and the proxy (HAProxy send-proxy-v2-ssl): what ctx.tls, the macros and Received say.
-      facts.tls = { version: header.tls.version ?? 'TLS', cipher: header.tls.cipher ?? 'unknown', bits: tlsBits(header.tls.cipher ?? '') };
+      facts.tls = { version: header.tls.version ?? 'TLS', cipher: header.tls.cipher ?? 'unknown', bits: cipherBits(header.tls.cipher ?? '') };
       facts.macros['{tls_version}'] = facts.tls.version;
       facts.macros['{cipher}'] = facts.tls.cipher;
       facts.macros['{cipher_bits}'] = String(facts.tls.bits);
     }
-    const gs: GatewaySession = { listener, facts, chain: listener.chain.session(facts), forwardedHelo: undefined, connectRefusal: undefined, heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0 };
+    const gs: GatewaySession = { listener, facts, chain: listener.chain.session(facts), forwardedHelo: undefined, connectRefusal: undefined, heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0, proxiedTls: header?.tls !== undefined };
     sessions.set(session, gs);
     channels.connect.publish({ sessionId: session.id, client: facts.client });
     const reply = greetingRefusal(await gs.chain.connect());
@@ -404,7 +400,8 @@ export function createGateway(options: GatewayOptions): Gateway {
           clientAddress: gs.facts.client.address,
           hostname,
           // RFC 6531 3.7.3: UTF8SMTP(S)(A) when the client asked for SMTPUTF8.
-          protocol: utf8Protocol(session.transmissionType || 'ESMTP', run.sender),
+          // RFC 3848: ESMTPS when the client's TLS ended at a trusted proxy too.
+          protocol: utf8Protocol(gs.proxiedTls ? (session.transmissionType || 'ESMTP').replace(/^(E?SMTP)(?!S)/, '$1S') : session.transmissionType || 'ESMTP', run.sender),
           queueId: run.queueId,
           tls: gs.facts.tls,
           recipients: run.recipients.map((r) => r.address),
@@ -522,7 +519,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       }
       connection.onUntrustedX = (command) =>
         channels.error.publish({ sessionId: connection.session.id, error: new DovetailError(ErrorCodes.PROXY_UNTRUSTED, `${command} from ${peer}, which is not in ${command.toLowerCase()}.trusted: 550 5.7.0`) });
-      connection.authNeedsTls = !insecureAuth;
+      // TLS that a trusted proxy terminated (PROXY v2 SSL TLV) counts for AUTH: the password crossed it encrypted.
+      connection.authNeedsTls = !insecureAuth && !proxied.get(socket)?.tls;
       connection.authEnabled = options.authenticate !== undefined && this.listener.spec.auth !== false;
       connection.errorLimits = errorLimits;
       connection.tooManyErrors = `4.7.0 ${hostname} Error: too many errors`;

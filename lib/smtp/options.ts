@@ -254,7 +254,8 @@ export function validateOptions(options: GatewayOptions, listen: readonly Listen
     if (l.submission) {
       if (!options.authenticate || l.auth === false) bad(`${where}: a submission listener needs authenticate (and auth not false)`);
       const encrypted = l.tls === 'implicit' || (l.tls !== 'none' && !!options.tls);
-      if (!encrypted && !options.allowInsecureAuth) bad(`${where}: a submission listener needs TLS (the gateway's tls, and tls 'starttls' or 'implicit') so that AUTH can be offered`);
+      // Behind a TLS-terminating proxy (PROXY v2 SSL TLVs) AUTH is offered to the clients it says used TLS.
+      if (!encrypted && !options.allowInsecureAuth && !l.proxyProtocol) bad(`${where}: a submission listener needs TLS (the gateway's tls, and tls 'starttls' or 'implicit') so that AUTH can be offered`);
     }
   }
   if (options.tls && (!options.tls.key || !options.tls.cert)) bad('tls needs both key and cert');

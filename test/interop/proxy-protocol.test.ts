@@ -76,6 +76,42 @@ describe('PROXY protocol listener', () => {
     assert.match(msg!.toString('latin1'), /^Received: from tls-client\.example \(unknown \[127\.0\.0\.77\]\)\r\n\t\(using TLSv1\.[23] with cipher /m);
   });
 
+  it('submission behind HAProxy terminating TLS (465): AUTH is offered and counts as encrypted; ESMTPSA; direct plain clients get 538', async () => {
+    const requests: { tls: boolean; address: string }[] = [];
+    const g = await startGateway({
+      listen: { host: '127.0.0.1', port: 0, tls: 'none', submission: true, proxyProtocol: { trusted: ['127.0.0.1'] } },
+      authenticate: async (r) => {
+        requests.push({ tls: r.client.tls, address: r.client.address });
+        return r.password === 'secret';
+      },
+      milters: [recorder],
+    });
+    gateways.push(g);
+    const haproxy = await startHaproxy([g.port], 'send-proxy-v2-ssl', { tls: selfSignedCert('mx.test') });
+    try {
+      const c = await RawClient.connect(haproxy.port, { implicitTls: true, localAddress: '127.0.0.79' });
+      assert.equal((await c.reply()).code, 220);
+      assert.match((await c.cmd('EHLO roaming.example')).text, /AUTH PLAIN LOGIN/);
+      assert.equal((await c.authPlain('carol', 'secret')).code, 235);
+      assert.equal((await c.cmd('MAIL FROM:<carol@example.test>')).code, 250);
+      assert.equal((await c.cmd('RCPT TO:<dave@example.test>')).code, 250);
+      assert.equal((await c.data('Subject: submitted\r\n\r\nhi\r\n')).code, 250);
+      c.close();
+    } finally {
+      await haproxy.stop();
+    }
+    assert.deepEqual(requests, [{ tls: true, address: '127.0.0.79' }]);
+    const [msg] = await stored(g.root, 'dave@example.test');
+    assert.match(msg!.toString('latin1'), /by mx\.test \(dovetail\) with ESMTPSA id /);
+    // A client reaching the listener directly, in plain text, is not trusted for TLS.
+    const direct = await RawClient.connect(g.port, { localAddress: '127.0.0.80' });
+    await direct.reply();
+    assert.doesNotMatch((await direct.cmd('EHLO plain.example')).text, /AUTH/);
+    assert.match((await direct.authPlain('carol', 'secret')).text, /^538 5\.7\.11 /);
+    direct.close();
+    assert.equal(requests.length, 1);
+  });
+
   it('v2 with an IPv6 client; v2 LOCAL (a health check) keeps the connection’s own address', async () => {
     const g = await proxied();
     const c = await RawClient.connect(g.port);
