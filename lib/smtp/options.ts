@@ -50,7 +50,8 @@ export interface ListenOptions {
    * with a valid header within `timeout` ms (default 10 000), else the connection is
    * closed; the client it names is the client everywhere (milters' `ctx.client`, macros,
    * Received, anvil limits, diagnostics), and TLS between it and the proxy (v2 SSL TLVs)
-   * is `ctx.tls`. A peer not in `trusted` is an ordinary client; if it sends a PROXY
+   * is `ctx.tls` and counts as encrypted for AUTH (a submission listener behind a
+   * TLS-terminating HAProxy needs no `tls` of its own). A peer not in `trusted` is an ordinary client; if it sends a PROXY
    * header it is refused and disconnected. See docs/deployment.md.
    */
   readonly proxyProtocol?: { readonly trusted: readonly string[]; readonly timeout?: number };
