@@ -77,6 +77,24 @@ describe('redisAnvil: per-client limits shared by two gateways', () => {
     c2.close();
   });
 
+  it('connection rate across nodes; a lease left by a node that died expires', async () => {
+    const [a, b] = await gateways(() => ({ anvil: redisAnvil({ redis, prefix: 'anvil3:', maxConnections: 0, connectionRate: 2, window: 60_000 }) }));
+    const greetings: number[] = [];
+    for (const port of [a.port, b.port, a.port]) {
+      const c = await RawClient.connect(port, { localAddress: '127.0.0.11' });
+      greetings.push((await c.reply()).code);
+      c.close();
+    }
+    assert.deepEqual(greetings, [220, 220, 421]);
+    // A node that holds a connection and dies: its lease (300 ms here) runs out, the slot comes back.
+    const dead = redisAnvil({ redis, prefix: 'anvil4:', maxConnections: 1, lease: 300 });
+    const held = await dead.connect('192.0.2.44');
+    assert.equal(held.ok, true);
+    assert.deepEqual(await dead.connect('192.0.2.44'), { ok: false, why: 'count' });
+    // (no release: the node is gone)
+    await waitFor('the lease to run out', async () => (await dead.connect('192.0.2.44')).ok, 10_000);
+  });
+
   it('messages per client: counted across nodes (450 4.7.1 at MAIL FROM)', async () => {
     const [a, b] = await gateways(() => ({ anvil: redisAnvil({ redis, prefix: 'anvil2:', messageRate: 2, window: 60_000 }) }));
     const codes: number[] = [];
