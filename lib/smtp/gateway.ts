@@ -513,9 +513,12 @@ export function createGateway(options: GatewayOptions): Gateway {
       connection.xforwardTrusted = this.listener.xforwardTrusted;
       connection.hostname = hostname;
       const peer = socket.remoteAddress ?? '';
-      if (this.listener.proxyTrusted && !this.listener.proxyTrusted(peer)) {
+      // Whoever sends a PROXY header where it is not trusted (any listener without proxyProtocol,
+      // or a peer outside its list) is refused and reported: nobody else picks their address.
+      if (!this.listener.proxyTrusted?.(peer)) {
+        const why = this.listener.proxyTrusted ? 'which is not in proxyProtocol.trusted' : 'on a listener without proxyProtocol';
         connection.onUntrustedProxy = (what) =>
-          channels.error.publish({ sessionId: connection.session.id, error: new DovetailError(ErrorCodes.PROXY_UNTRUSTED, `${what} from ${peer}, which is not in proxyProtocol.trusted: refused`) });
+          channels.error.publish({ sessionId: connection.session.id, error: new DovetailError(ErrorCodes.PROXY_UNTRUSTED, `${what} from ${peer}, ${why}: refused`) });
       }
       connection.onUntrustedX = (command) =>
         channels.error.publish({ sessionId: connection.session.id, error: new DovetailError(ErrorCodes.PROXY_UNTRUSTED, `${command} from ${peer}, which is not in ${command.toLowerCase()}.trusted: 550 5.7.0`) });

@@ -167,6 +167,25 @@ describe('PROXY protocol listener', () => {
     assert.deepEqual(errors.slice(before).filter((e) => e.code === 'DOVETAIL_ERR_PROXY_PROTOCOL'), []);
   });
 
+  it('a PROXY header sent to a listener without proxyProtocol is refused and reported (v1 and v2)', async () => {
+    const g = await startGateway({ milters: [recorder] });
+    gateways.push(g);
+    for (const version of [1, 2] as const) {
+      const before = errors.length;
+      const c = await RawClient.connect(g.port);
+      c.write(encodeProxyHeader(version, { source: { address: '192.0.2.123', port: 1 }, destination: { address: '127.0.0.1', port: 25 } }));
+      await c.waitClosed();
+      await waitFor('the PROXY_UNTRUSTED report', () => errors.slice(before).find((e) => e.code === 'DOVETAIL_ERR_PROXY_UNTRUSTED' && /without proxyProtocol/.test(e.message ?? '')));
+    }
+    // After the greeting too: a v1 line is refused with 421 and the connection closes.
+    const late = await RawClient.connect(g.port);
+    assert.equal((await late.reply()).code, 220);
+    const r = await late.cmd('PROXY TCP4 192.0.2.124 127.0.0.1 1 25');
+    assert.match(r.text, /^421 4\.7\.0 mx\.test Error: PROXY protocol header from an untrusted source/);
+    await late.waitClosed();
+    assert.ok(!seen.some((s) => s.address === '192.0.2.123' || s.address === '192.0.2.124'));
+  });
+
   it('an untrusted peer on the same listener is an ordinary client', async () => {
     const g = await proxied();
     const c = await RawClient.connect(g.port, { localAddress: '127.0.0.78' });
