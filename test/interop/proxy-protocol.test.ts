@@ -174,6 +174,7 @@ describe('PROXY protocol listener', () => {
       const before = errors.length;
       const c = await RawClient.connect(g.port);
       c.write(encodeProxyHeader(version, { source: { address: '192.0.2.123', port: 1 }, destination: { address: '127.0.0.1', port: 25 } }));
+      assert.match((await c.reply()).text, /^421 4\.7\.0 mx\.test Error: PROXY protocol header from an untrusted source/);
       await c.waitClosed();
       await waitFor('the PROXY_UNTRUSTED report', () => errors.slice(before).find((e) => e.code === 'DOVETAIL_ERR_PROXY_UNTRUSTED' && /without proxyProtocol/.test(e.message ?? '')));
     }
