@@ -299,4 +299,44 @@ describe('scale-out: two gateway processes, one Redis, HAProxy', { timeout: 180_
     const runs = all.filter((m) => /Subject: run-\d+\r\n/.test(m)).length;
     assert.equal(runs, accepted.length, 'no message stored that was not acknowledged');
   });
+
+  it('under load: 6 concurrent senders through HAProxy while Redis is stopped and started again; every 250 stored once, nothing else', async () => {
+    const accepted = new Set<string>();
+    const refused: number[] = [];
+    let sent = 0;
+    let stopped = false;
+    let restarted = false;
+    const total = 120;
+    const sender = async (id: number): Promise<void> => {
+      for (let i = 0; sent < total; i++) {
+        const subject = `load-${id}-${i}`;
+        sent++;
+        // A client address per message: the rate limit (3 per client per minute) stays out of it.
+        const c = await RawClient.connect(v2.port, { localAddress: `127.1.${id}.${i + 1}` });
+        const codes = await send(c, 'postmaster@example.test', subject).catch(() => [0]);
+        c.close();
+        if (codes.length === 5 && codes[4] === 250) accepted.add(subject);
+        else refused.push(codes.at(-1)!);
+        // Stop Redis once a quarter of the messages were accepted, start it at three quarters.
+        if (!stopped && accepted.size >= total / 4) {
+          stopped = true;
+          await redis.stop();
+        } else if (stopped && !restarted && sent >= (total * 3) / 4) {
+          restarted = true;
+          await redis.start();
+        }
+      }
+    };
+    await Promise.all([1, 2, 3, 4, 5, 6].map(sender));
+    assert.ok(stopped && restarted);
+    // Node A fails open, node B closed: while Redis was away, round robin sent half to each.
+    assert.ok(refused.length > 0, 'the closed node refused some while Redis was down');
+    assert.ok(refused.every((code) => code === 421 || code === 451), `refusals: ${refused.join(' ')}`);
+    assert.ok(accepted.size > total / 2, `accepted ${accepted.size} of ${total}`);
+    const all = await stored();
+    const load = all.filter((m) => /Subject: load-\d+-\d+\r\n/.test(m));
+    for (const s of accepted) assert.equal(load.filter((m) => m.includes(`Subject: ${s}\r\n`)).length, 1, `${s} stored once`);
+    assert.equal(load.length, accepted.size, 'nothing stored that was not acknowledged');
+  });
 });
+
