@@ -11,7 +11,9 @@
  * - an untrusted PROXY header is refused (closed, DOVETAIL_ERR_PROXY_UNTRUSTED), an
  *   untrusted XCLIENT gets 550 5.7.0, a trusted peer's garbage header closes the connection;
  * - Redis stopped, then hung (SIGSTOP), mid-run: node A (onStoreError 'open') keeps
- *   accepting, node B ('closed') answers 4xx; every 250 has its message in the mailstore.
+ *   accepting, node B ('closed') answers 4xx; every 250 has its message in the mailstore;
+ *   and the same under load (6 concurrent senders through HAProxy, Redis stopped and started
+ *   while they run).
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -41,10 +43,9 @@ let b: Node;
 let v2: Haproxy;
 let v1: Haproxy;
 
-async function startNode(name: string, onStoreError: 'open' | 'closed'): Promise<Node> {
+async function startNode(onStoreError: 'open' | 'closed'): Promise<Node> {
   const child = await startChild(FIXTURE, [JSON.stringify({ base, redisPort: redis.port, onStoreError, greylistDelay: 1000, messagesPerClient: 3 })]);
   const listening = child.events.find((e) => e['event'] === 'listening')!;
-  void name;
   return { child, proxyPort: listening['proxyPort'] as number, xclientPort: listening['xclientPort'] as number };
 }
 
@@ -94,8 +95,8 @@ describe('scale-out: two gateway processes, one Redis, HAProxy', { timeout: 180_
     base = await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-scale-'));
     await fs.mkdir(path.join(base, 'mail'));
     redis = await startRedis();
-    a = await startNode('A', 'open');
-    b = await startNode('B', 'closed');
+    a = await startNode('open');
+    b = await startNode('closed');
     v2 = await startHaproxy([a.proxyPort, b.proxyPort], 'send-proxy-v2');
     v1 = await startHaproxy([a.proxyPort, b.proxyPort], 'send-proxy');
   });
