@@ -12,8 +12,9 @@
  *   PROXY header from a peer not trusted to send one refused and the connection closed.
  *
  * These override smtp-server's internal methods (`_isSupported`, `_onCommand`,
- * `handler_EHLO`, `handler_HELO`): package.json pins smtp-server's exact version, and
- * test/integration/gateway-hooks.test.ts fails loudly when they change.
+ * `handler_EHLO`, `handler_HELO`, `_proxyCommandAllowed`, `handler_XCLIENT`,
+ * `handler_XFORWARD`): test/integration/gateway-hooks.test.ts, and for the XCLIENT ones
+ * test/interop/proxy-protocol.test.ts and scale-out.test.ts, fail loudly when they change.
  */
 import type { SMTPServerSession } from 'smtp-server';
 import { ExactConnection, markedReply } from '../smtp-server/exact-replies.js';
@@ -67,7 +68,7 @@ export class GatewayConnection extends ExactConnection {
   /** Peers allowed to send XCLIENT / XFORWARD on this listener (by network). */
   xclientTrusted: (address: string) => boolean = () => false;
   xforwardTrusted: (address: string) => boolean = () => false;
-  /** Set on a listener with proxyProtocol: reports a PROXY header from an untrusted peer (then we close). */
+  /** Set for a peer not trusted to send a PROXY header: reports one (and we answer 421 and close). */
   onUntrustedProxy: ((what: string) => void) | undefined;
   /** Called when a peer not trusted for it sends XCLIENT / XFORWARD. */
   onUntrustedX: ((command: string) => void) | undefined;
