@@ -24,6 +24,12 @@
  *
  * The reply after DATA is lib/handoff's (see there): never a 250 for a message that is not
  * stored, queued on disk, or discarded by a milter.
+ *
+ * Behind a load balancer (docs/deployment.md): on a listener with `proxyProtocol`, the
+ * server class reads the PROXY header of trusted peers itself (proxy.ts; smtp-server's
+ * `useProxy` is v1-only with exact-address trust), so the session starts with the real
+ * client; after XCLIENT / XFORWARD from a trusted peer, renew() starts the milters' session
+ * over with the forwarded client before the next HELO or MAIL is looked at.
  */
 import { mkdir } from 'node:fs/promises';
 import os from 'node:os';
