@@ -112,6 +112,29 @@ describe('PROXY protocol listener', () => {
     assert.equal(requests.length, 1);
   });
 
+  it('implicit TLS on the gateway behind HAProxy in TCP passthrough (send-proxy-v2): the header, then our own TLS', async () => {
+    const g = await startGateway({
+      listen: { host: '127.0.0.1', port: 0, tls: 'implicit', proxyProtocol: { trusted: ['127.0.0.1'] } },
+      tls: selfSignedCert('mx.test'),
+      milters: [recorder],
+    });
+    gateways.push(g);
+    const haproxy = await startHaproxy([g.port], 'send-proxy-v2');
+    try {
+      for (let i = 0; i < 5; i++) {
+        const c = await RawClient.connect(haproxy.port, { implicitTls: true, localAddress: `127.0.0.${90 + i}` });
+        assert.equal((await c.reply()).code, 220);
+        await c.cmd('EHLO tls.example');
+        assert.equal((await c.cmd('MAIL FROM:<s@example.org>')).code, 250);
+        c.close();
+        const mail = seen.find((s) => s.stage === 'mail' && s.address === `127.0.0.${90 + i}`);
+        assert.ok(mail?.tls, JSON.stringify(mail));
+      }
+    } finally {
+      await haproxy.stop();
+    }
+  });
+
   it('v2 with an IPv6 client; v2 LOCAL (a health check) keeps the connection’s own address', async () => {
     const g = await proxied();
     const c = await RawClient.connect(g.port);
