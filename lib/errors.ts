@@ -32,6 +32,12 @@ export const ErrorCodes = {
   CLIENT_LIMIT: 'DOVETAIL_ERR_CLIENT_LIMIT',
   /** The authentication backend (dovecotAuth()) could not answer: unreachable, timeout, protocol error, temporary failure. */
   AUTH_UNAVAILABLE: 'DOVETAIL_ERR_AUTH_UNAVAILABLE',
+  /** A trusted proxy sent a malformed PROXY protocol header, or none in time: the connection was closed. */
+  PROXY_PROTOCOL: 'DOVETAIL_ERR_PROXY_PROTOCOL',
+  /** A PROXY header, XCLIENT or XFORWARD from a peer not in the listener's trusted list: refused. */
+  PROXY_UNTRUSTED: 'DOVETAIL_ERR_PROXY_UNTRUSTED',
+  /** A shared store (Redis: rateLimit, greylist, redisAnvil) failed or did not answer in time; onStoreError decided. */
+  STORE_UNAVAILABLE: 'DOVETAIL_ERR_STORE_UNAVAILABLE',
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

@@ -6,7 +6,14 @@
  */
 export { createGateway } from './smtp/gateway.js';
 export { memoryAnvil } from './smtp/anvil.js';
-export type { Anvil, AnvilRefusal, ClientLimitOptions } from './smtp/anvil.js';
+export type { Anvil, AnvilRefusal, AnvilConnectResult, ClientLimitOptions } from './smtp/anvil.js';
+// Shared state in Redis (the caller builds the ioredis client; ioredis is only a type here).
+export { redisAnvil } from './store/redis-anvil.js';
+export type { RedisAnvilOptions } from './store/redis-anvil.js';
+export { clientNetwork, DEFAULT_STORE_TIMEOUT } from './store/redis.js';
+export type { RedisClient, RedisStoreOptions, StoreErrorPolicy } from './store/redis.js';
+export { ProxyHeaderDecoder, ProxyProtocolError, encodeProxyHeader } from './smtp/proxy.js';
+export type { ProxyHeader, ProxyEndpoint, ProxyTls, ProxyDecodeResult } from './smtp/proxy.js';
 export { handoff, summarize, mixed, isOutbound } from './handoff/handoff.js';
 export type { HandoffConfig, HandoffOutcome } from './handoff/handoff.js';
 export type { Gateway, GatewayOptions, ListenOptions, AuthRequest, CloseOptions } from './smtp/gateway.js';

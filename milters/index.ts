@@ -29,3 +29,7 @@ export { verifyWithMaps, expandAddress, splitExtension, ExpansionError } from '.
 export type { AddressMapMilter, ExpansionLimits, Extension, Lookup, Target } from './address-maps.js';
 export { postmaster, isRoleAddress, isRoleRecipient, ROLE_NAMES } from './postmaster.js';
 export type { PostmasterOptions, PostmasterMilter } from './postmaster.js';
+export { rateLimit } from './rate-limit.js';
+export type { RateLimitOptions, RateRule } from './rate-limit.js';
+export { greylist } from './greylist.js';
+export type { GreylistOptions, GreylistDecision } from './greylist.js';

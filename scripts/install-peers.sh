@@ -8,8 +8,10 @@ set -euo pipefail
 # The peers: Postfix (drives serveMilter), Dovecot LMTP (a real mailstore) with Pigeonhole Sieve
 # (dovecot-sieve: examples/mail-server.ts files spam into Junk with it), miltertest and
 # python3-milter (libmilter), opendkim and rspamd (real milters for connectMilter), openssl (test
-# certificates), swaks and unbound (handy for manual checks; see shared/PEERS.md).
-APT_PACKAGES="openssl swaks postfix dovecot-core dovecot-lmtpd dovecot-sieve miltertest python3-milter opendkim opendkim-tools rspamd unbound"
+# certificates), swaks and unbound (handy for manual checks; see shared/PEERS.md); redis-server
+# (shared counters: rateLimit, greylist, redisAnvil) and haproxy (PROXY protocol v1/v2 in front
+# of several gateways) for the scale-out tests.
+APT_PACKAGES="openssl swaks postfix dovecot-core dovecot-lmtpd dovecot-sieve miltertest python3-milter opendkim opendkim-tools rspamd unbound redis-server haproxy"
 
 missing=()
 for pkg in ${APT_PACKAGES}; do

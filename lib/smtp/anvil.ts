@@ -20,18 +20,29 @@
 import { DovetailError, ErrorCodes } from '../errors.js';
 import { networkList } from '../networks.js';
 
-/** Why a connection was refused. */
-export type AnvilRefusal = 'count' | 'rate';
+/**
+ * Why a connection was refused: over the count or rate limit, or (a shared store such as
+ * {@link redisAnvil} with `onStoreError: 'closed'`) the store could not answer.
+ */
+export type AnvilRefusal = 'count' | 'rate' | 'unavailable';
 
-/** What the gateway asks when a client connects, and tells when it goes. */
+/** What {@link Anvil.connect} answers. */
+export type AnvilConnectResult = { readonly ok: true; readonly release: () => void } | { readonly ok: false; readonly why: AnvilRefusal };
+
+/**
+ * What the gateway asks when a client connects, and tells when it goes. The answers may be
+ * promises (a shared store); the gateway awaits them.
+ */
 export interface Anvil {
   /** A new connection from `client`: allowed (and counted), or why not. */
-  connect(client: string): { readonly ok: true; readonly release: () => void } | { readonly ok: false; readonly why: AnvilRefusal };
+  connect(client: string): AnvilConnectResult | Promise<AnvilConnectResult>;
   /**
    * A new message (at MAIL FROM) from `client`, or from the authenticated `user` when there
-   * is one: allowed (and counted) or not. Optional: an anvil without it limits no messages.
+   * is one: allowed (and counted), refused (false: `450 4.7.1`), or `'unavailable'` (a shared
+   * store that could not answer and fails closed: `451 4.3.0`). Optional: an anvil without
+   * it limits no messages.
    */
-  message?(client: string, user: string | undefined): boolean;
+  message?(client: string, user: string | undefined): boolean | 'unavailable' | Promise<boolean | 'unavailable'>;
 }
 
 /** Options of {@link memoryAnvil}, and of the gateway's `clientLimits`. */

@@ -25,22 +25,27 @@ type AuthCallback = (err: Error | null | undefined, response?: SMTPServerAuthent
 /** smtp-server's onAuth for the gateway; `state` gives the per-connection failure counter. */
 export function authHandler(
   options: Pick<GatewayOptions, 'authenticate' | 'allowInsecureAuth' | 'authFailureDelay' | 'maxAuthFailures'>,
-  state: (session: SMTPServerSession) => { authFailures: number } | undefined,
+  state: (session: SMTPServerSession) => { authFailures: number; readonly proxiedTls?: boolean } | undefined,
 ): (auth: SMTPServerAuthentication, session: SMTPServerSession, cb: AuthCallback) => void {
   const insecureAuth = options.allowInsecureAuth ?? false;
   const limit = options.maxAuthFailures ?? 5;
   const delay = options.authFailureDelay ?? 1000;
   return (auth, session, cb) => {
+    // XCLIENT LOGIN=<name> (Postfix XCLIENT_README): the trusted front authenticated the
+    // client; only reachable from a peer in the listener's xclient.trusted list.
+    if (auth.method === 'XCLIENT' && auth.username) return cb(null, { user: { username: auth.username, method: 'XCLIENT' } });
     const check = options.authenticate;
     if (!check || (auth.method !== 'PLAIN' && auth.method !== 'LOGIN')) {
       return cb(Object.assign(new Error('Authentication not available'), { responseCode: 504 }));
     }
-    if (!session.secure && !insecureAuth) return cb(replyError(AUTH_NEEDS_TLS));
+    // TLS to a trusted proxy (PROXY v2 SSL TLV) counts as TLS.
+    const encrypted = session.secure || state(session)?.proxiedTls === true;
+    if (!encrypted && !insecureAuth) return cb(replyError(AUTH_NEEDS_TLS));
     check({
       method: auth.method,
       username: auth.username ?? '',
       password: auth.password ?? '',
-      client: { address: session.remoteAddress, tls: session.secure },
+      client: { address: session.remoteAddress, tls: encrypted },
     }).then(
       (ok) => {
         if (ok) return cb(null, { user: { username: auth.username, method: auth.method } });

@@ -6,22 +6,32 @@
  *   "unsupported" before TLS, smtp-server also skips its authOptional check there, so the
  *   gateway enforces a submission listener's "AUTH before MAIL" itself.)
  * - a hook once HELO/EHLO has been answered (smtp-server has no HELO callback);
- * - a hook before it answers a command it does not recognise (the milters' unknown stage).
+ * - a hook before it answers a command it does not recognise (the milters' unknown stage);
+ * - XCLIENT / XFORWARD trusted per listener by network (smtp-server's useXClient /
+ *   useXForward match exact addresses only), refused with Postfix's `550 5.7.0`, and a
+ *   PROXY header from a peer not trusted to send one refused and the connection closed.
  *
  * These override smtp-server's internal methods (`_isSupported`, `_onCommand`,
- * `handler_EHLO`, `handler_HELO`): package.json pins smtp-server's exact version, and
- * test/unit/pinned-internals.test.ts fails loudly when the version or these internals change.
+ * `handler_EHLO`, `handler_HELO`, `_proxyCommandAllowed`, `handler_XCLIENT`,
+ * `handler_XFORWARD`; the server's `_handleProxy`, `_expectsProxyHeader`): package.json pins
+ * smtp-server's exact version, test/unit/pinned-internals.test.ts fails loudly when the
+ * version or these internals change, and test/interop/proxy-protocol.test.ts and
+ * scale-out.test.ts exercise the XCLIENT and PROXY ones.
  */
 import type { SMTPServerSession } from 'smtp-server';
 import { ExactConnection, markedReply } from '../smtp-server/exact-replies.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 import type { SessionEnd } from '../diagnostics.js';
+import type { ProxyHeader } from './proxy.js';
 
 /** AUTH on a listener that has none. */
 export const AUTH_NOT_ENABLED = smtpReply(503, '5.5.1', 'Error: authentication not enabled');
 
 /** RFC 4954 section 6: AUTH over a connection without TLS. */
 export const AUTH_NEEDS_TLS = smtpReply(538, '5.7.11', 'Encryption required for requested authentication mechanism');
+
+/** Postfix's reply to XCLIENT / XFORWARD from a host not in smtpd_authorized_x*_hosts. */
+export const X_NOT_AUTHORIZED = smtpReply(550, '5.7.0', 'Error: insufficient authorization');
 
 /**
  * Our connection class: exact replies (ExactConnection), plus the hooks smtp-server lacks —
@@ -71,6 +81,40 @@ export class GatewayConnection extends ExactConnection {
     return super._isSupported(command);
   }
 
+  /** What a trusted proxy's PROXY header said about this connection (gateway.ts reads it). */
+  proxyHeader: ProxyHeader | undefined;
+  /** Peers allowed to send XCLIENT / XFORWARD on this listener (by network). */
+  xclientTrusted: (address: string) => boolean = () => false;
+  xforwardTrusted: (address: string) => boolean = () => false;
+  /** Set for a peer not trusted to send a PROXY header: reports one (and we answer 421 and close). */
+  onUntrustedProxy: ((what: string) => void) | undefined;
+  /** Called when a peer not trusted for it sends XCLIENT / XFORWARD. */
+  onUntrustedX: ((command: string) => void) | undefined;
+  /** Our greeting name, for the 421 to an untrusted PROXY header. */
+  hostname = '';
+
+  /** smtp-server matches useXClient / useXForward by exact address; ours are network lists per listener. */
+  override _proxyCommandAllowed(command: string, option: 'useXClient' | 'useXForward'): boolean {
+    const trusted = option === 'useXClient' ? this.xclientTrusted : this.xforwardTrusted;
+    return !this._xClient.has('ADDR') && trusted(this._originalRemoteAddress) && this._isSupported(command);
+  }
+
+  override handler_XCLIENT(command: Buffer, callback: () => void): void {
+    if (!this._proxyCommandAllowed('XCLIENT', 'useXClient')) return this.refuseX('XCLIENT', callback);
+    super.handler_XCLIENT(command, callback);
+  }
+
+  override handler_XFORWARD(command: Buffer, callback: () => void): void {
+    if (!this._proxyCommandAllowed('XFORWARD', 'useXForward')) return this.refuseX('XFORWARD', callback);
+    super.handler_XFORWARD(command, callback);
+  }
+
+  private refuseX(command: string, callback: () => void): void {
+    this.onUntrustedX?.(command);
+    this.send(550, markedReply(X_NOT_AUTHORIZED));
+    callback();
+  }
+
   /** Called once smtp-server has answered a HELO/EHLO (it has no callback for it). */
   onHelo: ((session: SMTPServerSession) => void) | undefined;
 
@@ -103,6 +147,14 @@ export class GatewayConnection extends ExactConnection {
   private handle(command: Buffer, callback?: () => void): void {
     const line = (command ?? '').toString();
     const name = line.split(' ', 1)[0]?.toUpperCase() ?? '';
+    // A PROXY v1 line, or the CRLF that starts the v2 signature before our greeting, from a
+    // peer the listener does not trust for it (trusted peers' headers never reach here).
+    if (this.onUntrustedProxy && !this._nextHandler && (name === 'PROXY' || line.startsWith('\0') || (!this._ready && line.trim() === ''))) {
+      this.onUntrustedProxy(name === 'PROXY' ? 'PROXY v1 header' : 'PROXY v2 header (or an early empty line)');
+      this.send(421, markedReply(smtpReply(421, '4.7.0', `${this.hostname} Error: PROXY protocol header from an untrusted source`)));
+      callback?.();
+      return;
+    }
     if (name === 'AUTH' && !this.authEnabled && !this._nextHandler && this._ready && !this._upgrading) {
       // Postfix's reply with smtpd_sasl_auth_enable = no.
       this.send(503, markedReply(AUTH_NOT_ENABLED));

@@ -24,12 +24,19 @@
  *
  * The reply after DATA is lib/handoff's (see there): never a 250 for a message that is not
  * stored, queued on disk, or discarded by a milter.
+ *
+ * Behind a load balancer (docs/deployment.md): on a listener with `proxyProtocol`, the
+ * server class reads the PROXY header of trusted peers itself (proxy.ts; smtp-server's
+ * `useProxy` is v1-only with exact-address trust), so the session starts with the real
+ * client; after XCLIENT / XFORWARD from a trusted peer, renew() starts the milters' session
+ * over with the forwarded client before the next HELO or MAIL is looked at.
  */
 import { mkdir } from 'node:fs/promises';
 import { createSecureContext } from 'node:tls';
 import type { GatewayReconfiguration } from './options.js';
 import os from 'node:os';
 import path from 'node:path';
+import crypto from 'node:crypto';
 import type net from 'node:net';
 import type tls from 'node:tls';
 import { SMTPServer, type SMTPServerAddress, type SMTPServerDataStream, type SMTPServerOptions, type SMTPServerSession } from 'smtp-server';
@@ -50,10 +57,13 @@ import { TransactionRecord, type TransactionSession } from './transaction.js';
 import { ingest, type IngestProblem } from './ingest.js';
 import { validateOptions, type CloseOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
 import { newQueueId, receivedValue } from './received.js';
-import { MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
+import { cipherBits, MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
 import { domainOf } from '../delivery/domains.js';
+import { networkList } from '../networks.js';
+import { ProxyHeaderDecoder, type ProxyHeader } from './proxy.js';
 
 export type { AuthRequest, CloseOptions, Gateway, GatewayOptions, ListenOptions } from './options.js';
+
 
 const REPLIES = {
   headerTooLarge: smtpReply(552, '5.3.4', 'Error: message header too big'),
@@ -74,18 +84,29 @@ interface Listener {
   readonly chain: MilterChain;
   readonly maxMessageBytes: number;
   readonly tooLarge: SmtpReply;
+  /** Who may send a PROXY header / XCLIENT / XFORWARD here (undefined: nobody, PROXY not expected). */
+  readonly proxyTrusted: ((address: string) => boolean) | undefined;
+  readonly xclientTrusted: (address: string) => boolean;
+  readonly xforwardTrusted: (address: string) => boolean;
 }
 
 interface GatewaySession {
   readonly listener: Listener;
-  readonly facts: SessionFacts;
-  readonly chain: ChainSession;
+  /** Replaced when XCLIENT / XFORWARD names another client (see renew()). */
+  facts: SessionFacts;
+  chain: ChainSession;
+  /** The HELO name XCLIENT HELO= forwarded: it stays the session's, whatever the proxy says in its own EHLO. */
+  forwardedHelo: string | undefined;
+  /** A connect-stage refusal after XCLIENT / XFORWARD: the reply to every MAIL FROM. */
+  connectRefusal: SmtpReply | undefined;
   /** The HELO name the helo stage last ran for, its run (maybe in flight), and its refusal if any. */
   heloRanFor: string | undefined;
   heloRun: Promise<void> | undefined;
   heloRefusal: SmtpReply | undefined;
   /** Failed AUTH attempts on this connection. */
   authFailures: number;
+  /** The client reached a trusted proxy over TLS (PROXY v2 SSL TLV): AUTH counts as encrypted. */
+  proxiedTls: boolean;
   /** For the close event: when it began, transactions begun and accepted, a refused greeting. */
   readonly started: number;
   transactions: number;
@@ -138,6 +159,9 @@ export function createGateway(options: GatewayOptions): Gateway {
       maxMessageBytes,
       // RFC 5321 4.5.3.1.10 / RFC 1870: say who refused and what the limit is.
       tooLarge: smtpReply(552, '5.3.4', `Error: message size exceeds the ${maxMessageBytes}-byte limit of ${hostname}`),
+      proxyTrusted: spec.proxyProtocol ? networkList(spec.proxyProtocol.trusted) : undefined,
+      xclientTrusted: networkList(spec.xclient?.trusted ?? []),
+      xforwardTrusted: networkList(spec.xforward?.trusted ?? []),
     };
   });
   const maxHops = options.maxHops ?? 50;
@@ -149,6 +173,12 @@ export function createGateway(options: GatewayOptions): Gateway {
   const anvil: Anvil | undefined = options.anvil ?? (options.clientLimits === false ? undefined : memoryAnvil(options.clientLimits ?? {}));
   /** What to call when a counted connection goes. */
   const releases = new WeakMap<SMTPServerSession, () => void>();
+  /** Sessions that have closed (an anvil answer arriving later releases at once). */
+  const gone = new WeakSet<SMTPServerSession>();
+  /** Each session's connection (for what the PROXY header said about it). */
+  const connectionOf = new WeakMap<SMTPServerSession, GatewayConnection>();
+  /** What a trusted proxy's header said, per accepted socket, until connect() picks it up. */
+  const proxied = new WeakMap<net.Socket, ProxyHeader>();
   let inflight = 0;
   let closing = false;
   let drained: (() => void) | undefined;
@@ -157,31 +187,94 @@ export function createGateway(options: GatewayOptions): Gateway {
 
   const refusal = (out: StageOutcome): SmtpReply | undefined => (out.type === 'reject' || out.type === 'tempfail' ? out.reply : undefined);
 
+  /** Counts a connection from `client` (Postfix anvil); the 421 that refuses it, if over a limit. */
+  async function countConnection(session: SMTPServerSession, client: string): Promise<SmtpReply | undefined> {
+    if (!anvil) return undefined;
+    // One client address may not hold every slot, nor open them too fast.
+    const got = await anvil.connect(client);
+    if (!got.ok) {
+      if (got.why === 'unavailable') return smtpReply(421, '4.3.0', `${hostname} Error: temporary failure of a shared store, try again later`);
+      channels.error.publish({ sessionId: session.id, error: new DovetailError(ErrorCodes.CLIENT_LIMIT, `${client}: ${got.why === 'count' ? 'too many connections' : 'connection rate'} limit`) });
+      return smtpReply(421, '4.7.0', `${hostname} Error: too many ${got.why === 'count' ? 'connections' : 'connection requests'} from ${client}`);
+    }
+    if (gone.has(session)) {
+      // The client left while the store answered: nothing will release it later.
+      got.release();
+      return undefined;
+    }
+    releases.get(session)?.();
+    releases.set(session, got.release);
+    return undefined;
+  }
+
+  /** A refused greeting: 554 for a reject, 421 for a tempfail (RFC 5321 3.1), with the milter's text. */
+  function greetingRefusal(out: StageOutcome): SmtpReply | undefined {
+    const reply = refusal(out);
+    if (!reply) return undefined;
+    const code = out.type === 'tempfail' ? 421 : 554;
+    return smtpReply(code, `${String(code)[0]}${reply.enhanced.slice(1)}`, reply.lines);
+  }
+
   async function onConnect(listener: Listener, session: SMTPServerSession): Promise<void> {
-    if (anvil) {
-      // Postfix anvil: one client address may not hold every slot, nor open them too fast.
-      const got = anvil.connect(session.remoteAddress);
-      if (!got.ok) {
-        channels.error.publish({ sessionId: session.id, error: new DovetailError(ErrorCodes.CLIENT_LIMIT, `${session.remoteAddress}: ${got.why === 'count' ? 'too many connections' : 'connection rate'} limit`) });
-        throw replyError(smtpReply(421, '4.7.0', `${hostname} Error: too many ${got.why === 'count' ? 'connections' : 'connection requests'} from ${session.remoteAddress}`));
-      }
-      releases.set(session, got.release);
+    // A front MTA that forwards its clients with XCLIENT / XFORWARD is not itself counted:
+    // the clients it names are (renew()).
+    const forwarder = listener.xclientTrusted(session.remoteAddress) || listener.xforwardTrusted(session.remoteAddress);
+    if (!forwarder) {
+      const over = await countConnection(session, session.remoteAddress);
+      if (over) throw replyError(over);
     }
     const facts = sessionFacts(session, hostname, listener.name);
+    const header = connectionOf.get(session)?.proxyHeader;
+    if (header?.tls) {
+      // TLS between the client and the proxy (HAProxy send-proxy-v2-ssl): what ctx.tls, the macros and Received say.
+      facts.tls = { version: header.tls.version ?? 'TLS', cipher: header.tls.cipher ?? 'unknown', bits: cipherBits(header.tls.cipher ?? '') };
+      facts.macros['{tls_version}'] = facts.tls.version;
+      facts.macros['{cipher}'] = facts.tls.cipher;
+      facts.macros['{cipher_bits}'] = String(facts.tls.bits);
+    }
     const gs: GatewaySession = {
-      listener, facts, chain: listener.chain.session(facts), heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0,
-      started: Date.now(), transactions: 0, accepted: 0, refused: false, tx: undefined,
+      listener, facts, chain: listener.chain.session(facts), forwardedHelo: undefined, connectRefusal: undefined, heloRanFor: undefined, heloRun: undefined, heloRefusal: undefined, authFailures: 0,
+      proxiedTls: header?.tls !== undefined, started: Date.now(), transactions: 0, accepted: 0, refused: false, tx: undefined,
     };
     sessions.set(session, gs);
     channels.connect.publish({ sessionId: session.id, client: facts.client, listener: listener.name });
-    const out = await gs.chain.connect();
-    const reply = refusal(out);
+    const reply = greetingRefusal(await gs.chain.connect());
     if (reply) {
       gs.refused = true;
-      // A refused greeting: 554 for a reject, 421 for a tempfail (RFC 5321 3.1), with the milter's text.
-      const code = out.type === 'tempfail' ? 421 : 554;
-      throw replyError(smtpReply(code, `${String(code)[0]}${reply.enhanced.slice(1)}`, reply.lines));
+      throw replyError(reply);
     }
+  }
+
+  /**
+   * After XCLIENT or XFORWARD named another client: the session starts over for the milters
+   * with the forwarded client (close, then connect with the new facts), as Postfix's smtpd
+   * does for XCLIENT; the anvil counts the forwarded client. A refusal of the new connect
+   * stage is the reply to every MAIL FROM that follows (smtpd_delay_reject).
+   */
+  async function renew(gs: GatewaySession, session: SMTPServerSession): Promise<void> {
+    const addr = session.remoteAddress;
+    if (addr === gs.facts.client.address && session.remotePort === gs.facts.client.port) return;
+    const x = session.xClient?.has('ADDR') ? session.xClient : session.xForward;
+    await gs.chain.close().catch((err: unknown) => channels.error.publish({ sessionId: session.id, error: err }));
+    const fresh = sessionFacts(session, hostname, gs.listener.name);
+    const named = x?.get('NAME');
+    // smtp-server keeps the proxy's own host name when NAME is not forwarded; the client's is unknown.
+    const facts: SessionFacts = named ? fresh : { ...fresh, client: { ...fresh.client, hostname: `[${addr}]` } };
+    if (!named) {
+      facts.macros['_'] = `unknown [${addr}]`;
+      facts.macros['{client_name}'] = 'unknown';
+      facts.macros['{client_ptr}'] = 'unknown';
+    }
+    facts.tls = gs.facts.tls;
+    for (const k of ['{tls_version}', '{cipher}', '{cipher_bits}']) if (gs.facts.macros[k] !== undefined) facts.macros[k] = gs.facts.macros[k]!;
+    const helo = session.xClient?.get('HELO');
+    if (typeof helo === 'string' && helo) gs.forwardedHelo = helo.toLowerCase();
+    gs.facts = facts;
+    gs.chain = gs.listener.chain.session(facts);
+    gs.heloRefusal = undefined;
+    gs.connectRefusal = await countConnection(session, addr);
+    channels.connect.publish({ sessionId: session.id, client: facts.client, listener: gs.listener.name });
+    if (!gs.connectRefusal) gs.connectRefusal = greetingRefusal(await gs.chain.connect());
   }
 
   /**
@@ -190,14 +283,19 @@ export function createGateway(options: GatewayOptions): Gateway {
    * smtp-server has answered HELO/EHLO, awaited (or started) at MAIL FROM.
    */
   function runHelo(gs: GatewaySession, session: SMTPServerSession): Promise<void> {
-    const helo = session.hostNameAppearsAs || undefined;
-    if (helo === gs.heloRanFor) return gs.heloRun ?? Promise.resolve();
+    const clientChanged = session.remoteAddress !== gs.facts.client.address || session.remotePort !== gs.facts.client.port;
+    const helo = gs.forwardedHelo ?? (session.hostNameAppearsAs || undefined);
+    if (!clientChanged && helo === gs.heloRanFor) return gs.heloRun ?? Promise.resolve();
     gs.heloRanFor = helo;
     const previous = gs.heloRun;
     gs.heloRun = (async () => {
       await previous;
-      gs.facts.helo = helo;
-      gs.heloRefusal = helo === undefined ? undefined : refusal(await gs.chain.helo(helo));
+      // XCLIENT / XFORWARD named another client: the milters see a new session first.
+      await renew(gs, session);
+      const name = gs.forwardedHelo ?? (session.hostNameAppearsAs || undefined);
+      gs.heloRanFor = name;
+      gs.facts.helo = name;
+      gs.heloRefusal = name === undefined ? undefined : refusal(await gs.chain.helo(name));
     })();
     return gs.heloRun;
   }
@@ -227,12 +325,16 @@ export function createGateway(options: GatewayOptions): Gateway {
     // is skipped on a connection where AUTH is not (yet) available (ours: before TLS).
     if (gs.listener.spec.submission && !session.user) throw replyError(REPLIES.authRequired);
     const user = session.user ? String(session.user.username ?? session.user) : undefined;
-    if (anvil?.message && !anvil.message(session.remoteAddress, user)) {
+    // XCLIENT / XFORWARD may have named another client since: the milters see it first.
+    await runHelo(gs, session);
+    if (gs.connectRefusal) throw replyError(gs.connectRefusal);
+    const allowed = anvil?.message ? await anvil.message(session.remoteAddress, user) : true;
+    if (allowed !== true) {
+      if (allowed === 'unavailable') throw replyError(smtpReply(451, '4.3.0', 'Error: temporary failure of a shared store, try again later'));
       // Postfix's reply for smtpd_client_message_rate_limit.
       throw replyError(smtpReply(450, '4.7.1', `Error: too much mail from ${user ?? session.remoteAddress}`));
     }
     gs.facts.auth = session.user && user !== undefined ? { method: String(session.user.method ?? 'PLAIN'), user } : undefined;
-    await runHelo(gs, session);
     if (gs.heloRefusal) throw replyError(gs.heloRefusal);
     const sender = toEnvelopeAddress(from);
     const queueId = newQueueId();
@@ -367,7 +469,8 @@ export function createGateway(options: GatewayOptions): Gateway {
           clientAddress: gs.facts.client.address,
           hostname,
           // RFC 6531 3.7.3: UTF8SMTP(S)(A) when the client asked for SMTPUTF8.
-          protocol: utf8Protocol(session.transmissionType || 'ESMTP', run.sender),
+          // RFC 3848: ESMTPS when the client's TLS ended at a trusted proxy too.
+          protocol: utf8Protocol(gs.proxiedTls ? (session.transmissionType || 'ESMTP').replace(/^(E?SMTP)(?!S)/, '$1S') : session.transmissionType || 'ESMTP', run.sender),
           queueId: run.queueId,
           tls: gs.facts.tls,
           recipients: run.recipients.map((r) => r.address),
@@ -429,10 +532,81 @@ export function createGateway(options: GatewayOptions): Gateway {
       super(smtpOptions(listener));
     }
 
+    /** PROXY headers are ours to read on a listener with proxyProtocol (smtp-server's reader is v1 only, exact-address trust). */
+    override _expectsProxyHeader(socket: net.Socket): boolean {
+      return this.listener.proxyTrusted?.(socket.remoteAddress ?? '') ?? false;
+    }
+
+    /**
+     * Reads the PROXY header (v1 or v2) of a trusted peer with our decoder, bounded in bytes
+     * and in time (proxyProtocol.timeout), and hands smtp-server the client it names.
+     * Anything else closes the connection before SMTP starts.
+     */
+    override _handleProxy(socket: net.Socket, callback: Parameters<SMTPServer['_handleProxy']>[1]): void {
+      if (!this._expectsProxyHeader(socket)) return super._handleProxy(socket, callback);
+      const id = BigInt('0x' + crypto.randomBytes(10).toString('hex')).toString(32).padStart(16, '0');
+      const decoder = new ProxyHeaderDecoder();
+      let finished = false;
+      const finish = (err: Error | null, header?: ProxyHeader): void => {
+        if (finished) return;
+        finished = true;
+        clearTimeout(timer);
+        socket.off('readable', read);
+        socket.off('error', onClose);
+        socket.off('close', onClose);
+        socket.off('end', onClose);
+        if (err || !header) {
+          socket.on('error', () => undefined);
+          socket.destroy();
+          channels.error.publish({ error: new DovetailError(ErrorCodes.PROXY_PROTOCOL, `PROXY header from ${socket.remoteAddress}: ${err?.message ?? 'none'}`) });
+          return callback(err ?? new Error('no PROXY header'));
+        }
+        proxied.set(socket, header);
+        const src = header.command === 'proxy' ? header.source : undefined;
+        callback(null, { id, ...(src ? { remoteAddress: src.address, remotePort: src.port } : {}) } as Parameters<typeof callback>[1]);
+      };
+      const read = (): void => {
+        let chunk: Buffer | null;
+        try {
+          while (!finished && (chunk = socket.read() as Buffer | null) !== null) {
+            const r = decoder.push(chunk);
+            if (r.done) {
+              if (r.rest.length) socket.unshift(r.rest);
+              return finish(null, r.header);
+            }
+          }
+        } catch (err) {
+          finish(err as Error);
+        }
+      };
+      const onClose = (): void => finish(new Error('connection closed before the PROXY header'));
+      const timer = setTimeout(() => finish(new Error('no PROXY header in time')), this.listener.spec.proxyProtocol?.timeout ?? 10_000);
+      socket.on('readable', read);
+      socket.on('error', onClose);
+      socket.on('close', onClose);
+      socket.on('end', onClose);
+    }
+
     override connect(socket: net.Socket | tls.TLSSocket, socketOptions: unknown): void {
       // Same as SMTPServer.connect, with our connection class.
       const connection = new GatewayConnection(this, socket, socketOptions as ConnectionOptions);
-      connection.authNeedsTls = !insecureAuth;
+      connection.proxyHeader = proxied.get(socket);
+      connectionOf.set(connection.session, connection);
+      connection.xclientTrusted = this.listener.xclientTrusted;
+      connection.xforwardTrusted = this.listener.xforwardTrusted;
+      connection.hostname = hostname;
+      const peer = socket.remoteAddress ?? '';
+      // Whoever sends a PROXY header where it is not trusted (any listener without proxyProtocol,
+      // or a peer outside its list) is refused and reported: nobody else picks their address.
+      if (!this.listener.proxyTrusted?.(peer)) {
+        const why = this.listener.proxyTrusted ? 'which is not in proxyProtocol.trusted' : 'on a listener without proxyProtocol';
+        connection.onUntrustedProxy = (what) =>
+          channels.error.publish({ sessionId: connection.session.id, error: new DovetailError(ErrorCodes.PROXY_UNTRUSTED, `${what} from ${peer}, ${why}: refused`) });
+      }
+      connection.onUntrustedX = (command) =>
+        channels.error.publish({ sessionId: connection.session.id, error: new DovetailError(ErrorCodes.PROXY_UNTRUSTED, `${command} from ${peer}, which is not in ${command.toLowerCase()}.trusted: 550 5.7.0`) });
+      // TLS that a trusted proxy terminated (PROXY v2 SSL TLV) counts for AUTH: the password crossed it encrypted.
+      connection.authNeedsTls = !insecureAuth && !proxied.get(socket)?.tls;
       connection.authEnabled = options.authenticate !== undefined && this.listener.spec.auth !== false;
       connection.errorLimits = errorLimits;
       connection.tooManyErrors = `4.7.0 ${hostname} Error: too many errors`;
@@ -442,7 +616,8 @@ export function createGateway(options: GatewayOptions): Gateway {
       };
       connection.onHelo = (session) => {
         const gs = sessions.get(session);
-        if (gs) void runHelo(gs, session);
+        // Its outcome is awaited (and any failure answered) at MAIL FROM.
+        if (gs) runHelo(gs, session).catch(() => undefined);
       };
       adoptConnection(this, connection);
     }
@@ -492,6 +667,9 @@ export function createGateway(options: GatewayOptions): Gateway {
       maxRecipients: options.maxRecipients ?? 1000,
       ...(options.tls ? { key: options.tls.key, cert: options.tls.cert } : {}),
       logger: false,
+      // XCLIENT / XFORWARD are advertised and accepted per our trust lists (GatewayConnection._proxyCommandAllowed).
+      ...(listener.spec.xclient ? { useXClient: true } : {}),
+      ...(listener.spec.xforward ? { useXForward: true } : {}),
       onConnect: callbackify((session: SMTPServerSession) => onConnect(currentProfile(listener), session)),
       onSecure: (socket, session, cb) => {
         const gs = sessions.get(session);
@@ -518,6 +696,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         });
       },
       onClose: (session) => {
+        gone.add(session);
         releases.get(session)?.();
         releases.delete(session);
         const gs = sessions.get(session);

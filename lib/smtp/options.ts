@@ -9,6 +9,7 @@ import type { SpoolOptions } from '../message/spool.js';
 import { mayRouteOutbound } from '../handoff/handoff.js';
 import type { AuthRequest } from '../auth/types.js';
 import type { Anvil, ClientLimitOptions } from './anvil.js';
+import { networkList } from '../networks.js';
 
 export type { AuthRequest } from '../auth/types.js';
 
@@ -42,6 +43,36 @@ export interface ListenOptions {
   readonly auth?: boolean;
   /** This listener's milter chain (Postfix's `-o smtpd_milters=` in master.cf). Default: the gateway's `milters`. */
   readonly milters?: readonly Milter[];
+  /**
+   * The PROXY protocol (v1 and v2, HAProxy's `send-proxy` / `send-proxy-v2[-ssl]`) from a
+   * load balancer in front of this listener (Postfix: smtpd_upstream_proxy_protocol =
+   * haproxy). A peer in `trusted` (addresses or CIDR blocks, as `mynetworks`) must start
+   * with a valid header within `timeout` ms (default 10 000), else the connection is
+   * closed; the client it names is the client everywhere (milters' `ctx.client`, macros,
+   * Received, anvil limits, diagnostics), and TLS between it and the proxy (v2 SSL TLVs)
+   * is `ctx.tls` and counts as encrypted for AUTH (a submission listener behind a
+   * TLS-terminating HAProxy needs no `tls` of its own). A peer not in `trusted` is an ordinary client; if it sends a PROXY
+   * header it is refused and disconnected. See docs/deployment.md.
+   */
+  readonly proxyProtocol?: { readonly trusted: readonly string[]; readonly timeout?: number };
+  /**
+   * XCLIENT (Postfix's XCLIENT_README) from a front MTA in `trusted` (Postfix:
+   * smtpd_authorized_xclient_hosts): NAME, ADDR, PORT and HELO replace the client's, the
+   * session starts over for the milters (their close, then connect with the new client),
+   * and the forwarded HELO stays the HELO name of the session. Anyone else gets
+   * `550 5.7.0 Error: insufficient authorization`.
+   */
+  readonly xclient?: { readonly trusted: readonly string[] };
+  /**
+   * XFORWARD (Postfix's XFORWARD_README, smtp_send_xforward_command) from a peer in
+   * `trusted` (smtpd_authorized_xforward_hosts): ADDR, NAME, PORT, HELO replace the
+   * client's for the next transaction (the milters see a new session, as for XCLIENT).
+   * Unlike Postfix, which resets them after each transaction, they stay until the next
+   * XFORWARD on the connection (smtp-server keeps them): a front that forwards some
+   * transactions and not others should not reuse the connection for both.
+   * Anyone else gets `550 5.7.0 Error: insufficient authorization`.
+   */
+  readonly xforward?: { readonly trusted: readonly string[] };
 }
 
 export interface GatewayOptions {
@@ -246,10 +277,22 @@ export function validateOptions(options: GatewayOptions, listen: readonly Listen
     if ((l.tls === 'implicit' || l.tls === 'starttls') && !options.tls) bad(`${where}: tls '${l.tls}' needs the gateway's tls key and cert`);
     if (l.name !== undefined && !/^[\x21-\x7e]{1,64}$/.test(l.name)) bad(`${where}: name must be 1-64 printable ASCII characters`);
     if (l.milters !== undefined && !Array.isArray(l.milters)) bad(`${where}: milters must be an array`);
+    for (const key of ['proxyProtocol', 'xclient', 'xforward'] as const) {
+      const t = l[key];
+      if (t === undefined) continue;
+      if (!t || !Array.isArray(t.trusted)) bad(`${where}: ${key}.trusted must be a list of addresses or networks`);
+      try {
+        networkList(t.trusted);
+      } catch (err) {
+        bad(`${where}: ${key}.trusted: ${(err as Error).message}`);
+      }
+    }
+    positive(`${where}: proxyProtocol.timeout`, l.proxyProtocol?.timeout);
     if (l.submission) {
       if (!options.authenticate || l.auth === false) bad(`${where}: a submission listener needs authenticate (and auth not false)`);
       const encrypted = l.tls === 'implicit' || (l.tls !== 'none' && !!options.tls);
-      if (!encrypted && !options.allowInsecureAuth) bad(`${where}: a submission listener needs TLS (the gateway's tls, and tls 'starttls' or 'implicit') so that AUTH can be offered`);
+      // Behind a TLS-terminating proxy (PROXY v2 SSL TLVs) AUTH is offered to the clients it says used TLS.
+      if (!encrypted && !options.allowInsecureAuth && !l.proxyProtocol) bad(`${where}: a submission listener needs TLS (the gateway's tls, and tls 'starttls' or 'implicit') so that AUTH can be offered`);
     }
   }
   if (options.tls && (!options.tls.key || !options.tls.cert)) bad('tls needs both key and cert');

@@ -24,7 +24,8 @@ export function toEnvelopeAddress(a: SMTPServerAddress): EnvelopeAddress {
   return { address: a.address, args };
 }
 
-function cipherBits(name: string): number {
+/** Key bits of a cipher by its name (the gateway's TLS facts, and a proxy's SSL TLVs). */
+export function cipherBits(name: string): number {
   if (/CHACHA20|AES_?256|AES256/i.test(name)) return 256;
   if (/AES_?128|AES128/i.test(name)) return 128;
   return 0;

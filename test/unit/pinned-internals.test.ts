@@ -48,8 +48,8 @@ const INTERNALS: Record<keyof typeof PINNED, string> = {
   'smtp-server':
     'lib/smtp-server/exact-replies.ts (deep import smtp-server/lib/smtp-connection.js; subclass SMTPConnection overriding send(); ' +
     'adoptConnection uses server.connections, server._onError, server._onClientConnect, connection.init()), ' +
-    'lib/smtp/connection.ts (overrides _isSupported, _onCommand, handler_EHLO, handler_HELO; reads _nextHandler, _ready, _upgrading, _closed, _closing), ' +
-    'lib/smtp/gateway.ts and lib/delivery/lmtp-server.ts (override SMTPServer#connect; gateway close({ sessions }) closes SMTPServer#server, the net.Server, and polls connections; lmtp-server close() destroys connection._socket, reads stream.sizeExceeded)',
+    'lib/smtp/connection.ts (overrides _isSupported, _onCommand, handler_EHLO, handler_HELO, and for XCLIENT/XFORWARD _proxyCommandAllowed, handler_XCLIENT, handler_XFORWARD; reads _nextHandler, _ready, _upgrading, _closed, _closing), ' +
+    'lib/smtp/gateway.ts and lib/delivery/lmtp-server.ts (override SMTPServer#connect, and for PROXY SMTPServer#_handleProxy and #_expectsProxyHeader; gateway close({ sessions }) closes SMTPServer#server, the net.Server, and polls connections; lmtp-server close() destroys connection._socket, reads stream.sizeExceeded)',
   mailsplit:
     'lib/smtp/ingest.ts, lib/delivery/maildir.ts, lib/delivery/dsn.ts (deep import mailsplit/lib/headers.js: new Headers(block).getList() / getFirst(); types in lib/types/mailsplit.d.ts)',
 };
@@ -83,11 +83,11 @@ test('the installed smtp-server and mailsplit are the pinned versions', () => {
 test('the smtp-server internals we override or call exist', async () => {
   const where = `smtp-server: ${INTERNALS['smtp-server']}`;
   const conn = SMTPConnection.prototype as unknown as Record<string, unknown>;
-  for (const method of ['send', 'init', '_isSupported', '_onCommand', 'handler_EHLO', 'handler_HELO']) {
+  for (const method of ['send', 'init', '_isSupported', '_onCommand', 'handler_EHLO', 'handler_HELO', '_proxyCommandAllowed', 'handler_XCLIENT', 'handler_XFORWARD']) {
     assert.equal(typeof conn[method], 'function', `SMTPConnection#${method} is gone. ${where}`);
   }
   const serverProto = SMTPServer.prototype as unknown as Record<string, unknown>;
-  for (const method of ['connect', '_onError', '_onClientConnect']) {
+  for (const method of ['connect', '_onError', '_onClientConnect', '_handleProxy', '_expectsProxyHeader']) {
     assert.equal(typeof serverProto[method], 'function', `SMTPServer#${method} is gone. ${where}`);
   }
   const server = new SMTPServer({ logger: false });
