@@ -7,8 +7,14 @@
  * score, and optionally enforces: SPF fail → `550 5.7.23` at MAIL (RFC 7372), SPF temperror
  * → `451 4.7.24`, the sender domain's DMARC policy → `550 5.7.1` (p=reject) or quarantine.
  *
- * The lookups of one message go through one memo, so authenticate() at end of message
- * re-evaluates SPF from the answers MAIL already had.
+ * The lookups of one message go through one memo. At end of message it computes what
+ * mailauth's authenticate() does, from mailauth's parts, without doing work twice: the body
+ * is read only for a message with a DKIM-Signature or ARC fields (otherwise the gateway's
+ * header parse gives the From fields), SPF is taken from MAIL when the inputs are the same,
+ * and public keys are imported once into a shared LRU keyed by the key record.
+ *
+ * mailauth is an optional peer dependency, loaded (its parts only, never lib/bimi, which
+ * needs undici) when mailAuth() is called, not when this module is imported.
  *
  * What it does not do: sign (DKIM or ARC seals), BIMI, DMARC reports, or a local policy
  * override for mail with a trusted ARC chain.
