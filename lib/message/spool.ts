@@ -18,11 +18,27 @@ import { DovetailError, ErrorCodes } from '../errors.js';
 export interface SpoolOptions {
   /** Bytes kept in memory before everything moves to a temp file; default 256 KiB. */
   memoryThreshold?: number;
+  /**
+   * Bytes all the spools of this process may hold in memory together; default 64 MiB. A
+   * spool whose next write would take the total past it moves to a temp file even below
+   * its `memoryThreshold`, so many concurrent large messages (1000 × the threshold would be
+   * 250 MiB) cannot add up.
+   */
+  memoryBudget?: number;
   /** Directory for temp files; default `os.tmpdir()`. */
   dir?: string;
 }
 
 const DEFAULT_THRESHOLD = 256 * 1024;
+const DEFAULT_BUDGET = 64 * 1024 * 1024;
+
+/** Bytes held in memory by every spool of this process (see SpoolOptions.memoryBudget). */
+let heldInMemory = 0;
+
+/** Bytes all spools of this process hold in memory now (for tests and metrics). */
+export function spoolMemoryInUse(): number {
+  return heldInMemory;
+}
 const DEFAULT_READ_CHUNK = 64 * 1024;
 
 function spoolError(message: string, cause?: unknown): DovetailError {
@@ -65,6 +81,9 @@ async function writeAll(fh: FileHandle, buffers: readonly Buffer[], position: nu
  */
 export class Spool extends Writable {
   readonly #threshold: number;
+  readonly #budget: number;
+  /** This spool's share of heldInMemory. */
+  #held = 0;
   /** undefined: os.tmpdir(), looked up only when a spool moves to disk (it is not free per message). */
   readonly #dir: string | undefined;
   #memory: Buffer[] = [];
@@ -82,6 +101,11 @@ export class Spool extends Writable {
       throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'spool memoryThreshold must be a non-negative integer');
     }
     this.#threshold = threshold;
+    const budget = options.memoryBudget ?? DEFAULT_BUDGET;
+    if (!Number.isSafeInteger(budget) || budget < 0) {
+      throw new DovetailError(ErrorCodes.INVALID_OPTIONS, 'spool memoryBudget must be a non-negative integer');
+    }
+    this.#budget = budget;
     this.#dir = options.dir;
   }
 
@@ -113,9 +137,11 @@ export class Spool extends Writable {
     }
     let bytes = 0;
     for (const c of chunks) bytes += c.length;
-    if (this.#path === undefined && this.#size + bytes <= this.#threshold) {
+    if (this.#path === undefined && this.#size + bytes <= this.#threshold && heldInMemory + bytes <= this.#budget) {
       for (const c of chunks) if (c.length > 0) this.#memory.push(c);
       this.#size += bytes;
+      this.#held += bytes;
+      heldInMemory += bytes;
       callback();
       return;
     }
@@ -135,6 +161,7 @@ export class Spool extends Writable {
       this.#path = path;
       await writeAll(this.#fh, [...this.#memory, ...chunks], 0);
       this.#memory = [];
+      this.#release();
     } else {
       await writeAll(this.#fh, chunks, this.#size);
     }
@@ -176,11 +203,18 @@ export class Spool extends Writable {
   dispose(): Promise<void> {
     if (this.#disposing === undefined) {
       this.#memory = [];
+      this.#release();
       this.#disposing = this.#removeFile();
       // Set before destroy(): _destroy() calls dispose() again and must get this promise.
       if (!this.destroyed) this.destroy();
     }
     return this.#disposing;
+  }
+
+  /** Gives this spool's memory back to the process-wide budget. */
+  #release(): void {
+    heldInMemory -= this.#held;
+    this.#held = 0;
   }
 
   async #removeFile(): Promise<void> {

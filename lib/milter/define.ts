@@ -6,13 +6,13 @@ import { DovetailError, ErrorCodes } from '../errors.js';
 import { STAGES } from './stages.js';
 import type { Milter } from './types.js';
 
-const KNOWN_KEYS = new Set<string>(['name', 'defaultAction', 'timeouts', 'limits', ...STAGES]);
+const KNOWN_KEYS = new Set<string>(['name', 'defaultAction', 'timeouts', 'limits', 'needs', ...STAGES]);
 const DEFAULT_ACTIONS = new Set(['tempfail', 'accept', 'reject', 'quarantine']);
 
 /**
  * Checks a milter when it is registered: a non-empty name, handlers that are functions,
  * no function-valued key that is not a stage (a misspelt handler would never run), a
- * known default action, and positive timeouts.
+ * known default action, positive timeouts, and `needs` with boolean `headers` / `body`.
  */
 export function validateMilter(milter: unknown): asserts milter is Milter {
   const bad = (why: string): never => {
@@ -36,6 +36,14 @@ export function validateMilter(milter: unknown): asserts milter is Milter {
   const limit = (m['limits'] as Record<string, unknown> | undefined)?.['maxMessageBytes'];
   if (limit !== undefined && !(typeof limit === 'number' && Number.isSafeInteger(limit) && limit > 0)) {
     bad(`milter ${name}: limits.maxMessageBytes must be a positive integer`);
+  }
+  const needs = m['needs'];
+  if (needs !== undefined) {
+    if (typeof needs !== 'object' || needs === null) bad(`milter ${name}: needs must be an object ({ headers?: boolean, body?: boolean })`);
+    for (const [k, v] of Object.entries(needs as Record<string, unknown>)) {
+      if (k !== 'headers' && k !== 'body') bad(`milter ${name}: needs.${k} is not known (headers, body)`);
+      if (v !== undefined && typeof v !== 'boolean') bad(`milter ${name}: needs.${k} must be a boolean`);
+    }
   }
   const t = m['timeouts'] as Record<string, unknown> | undefined;
   if (t !== undefined) {

@@ -214,6 +214,18 @@ export interface Milter {
    * checked against MAIL FROM's SIZE=, and enforced while DATA streams.
    */
   readonly limits?: { readonly maxMessageBytes?: number };
+  /**
+   * What the `eom` handler reads of the message. `headers`: `ctx.headers`,
+   * `ctx.message.headers`, the header part of `ctx.message.stream()`; `body`:
+   * `ctx.message.body()`, the body part of `stream()`, `size`. Each defaults to `true` when
+   * the milter has an eom handler. Declared `false` (and with no `header` / `body` handler
+   * that needs them anyway), {@link serveMilter} asks the MTA not to send them
+   * (SMFIP_NOHDRS / SMFIP_NOBODY), so a filter that only adds a header at end of message
+   * costs the MTA almost nothing per message; served that way, the eom handler sees no
+   * headers and an empty body. In the gateway's own chain the message is there anyway and
+   * nothing changes.
+   */
+  readonly needs?: { readonly headers?: boolean; readonly body?: boolean };
 
   /** A client connected (xxfi_connect). Reject/tempfail refuses the session at the greeting. */
   connect?(ctx: SessionContext): Answer<SessionVerdict>;

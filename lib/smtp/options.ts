@@ -263,6 +263,7 @@ export function validateOptions(options: GatewayOptions, listen: readonly Listen
   positive('authFailureDelay', options.authFailureDelay, 0);
   positive('maxAuthFailures', options.maxAuthFailures);
   positive('spool.memoryThreshold', options.spool?.memoryThreshold, 0);
+  positive('spool.memoryBudget', options.spool?.memoryBudget, 0);
   positive('milterTimeouts.command', options.milterTimeouts?.command);
   positive('milterTimeouts.content', options.milterTimeouts?.content);
   if (options.bareLineEndings !== undefined && options.bareLineEndings !== 'reject' && options.bareLineEndings !== 'normalize') {

@@ -339,4 +339,52 @@ describe('gateway → lmtp() → createLmtpServer', () => {
       await s.close();
     }
   });
+
+  it('messages around the one-write size (64 KiB), in small chunks with dots at chunk starts, are stored byte for byte', async () => {
+    const s = await store();
+    const t = lmtp({ port: s.port });
+    try {
+      const k = 64 * 1024;
+      for (const size of [100, k - 1, k, k + 1, 3 * k + 7]) {
+        // Lines of dots and text; chunks of 1 to 13 bytes so boundaries fall everywhere.
+        let text = 'Subject: size ' + String(size) + '\r\n\r\n';
+        for (let i = 0; text.length < size; i++) text += i % 3 === 0 ? '.\r\n' : i % 3 === 1 ? '..dot ' + String(i) + '\r\n' : 'line ' + String(i) + '\r\n';
+        const bytes = Buffer.from(text.slice(0, size));
+        const chunks: Buffer[] = [];
+        for (let at = 0, n = 1; at < bytes.length; at += n, n = (n % 13) + 1) chunks.push(bytes.subarray(at, at + n));
+        const res = await t.deliver(env('a@sender.test', 'bob@example.test'), { size: bytes.length, stream: () => Readable.from(chunks) });
+        assert.equal(res[0]?.status, 'delivered', `${size}: ${JSON.stringify(res[0]?.reply)}`);
+        const got = (await stored(s.root, 'bob@example.test')).map(withoutReturnPath).find((m) => m.subarray(0, 40).toString().startsWith(`Subject: size ${size}\r`));
+        assert.ok(got, `${size} stored`);
+        // The store ends a message that did not end with CRLF with one.
+        const expected = bytes.subarray(bytes.length - 2).toString() === '\r\n' ? bytes : Buffer.concat([bytes, Buffer.from('\r\n')]);
+        assert.ok(got.equals(expected), `${size}: ${got.length} bytes stored, ${expected.length} expected`);
+      }
+    } finally {
+      await t.close();
+      await s.close();
+    }
+  });
+
+  it('a message source that gives more bytes than its size is never ended: the recipient is deferred, nothing stored (small and large)', async () => {
+    const s = await store();
+    const t = lmtp({ port: s.port });
+    try {
+      for (const size of [200, 200 * 1024]) {
+        const bytes = Buffer.alloc(size + 10, 'a');
+        bytes.write('Subject: liar\r\n\r\n');
+        const res = await t.deliver(env('a@sender.test', 'bob@example.test'), { size, stream: () => Readable.from([bytes]) });
+        assert.equal(res[0]?.status, 'deferred', JSON.stringify(res[0]));
+      }
+      // The pool is still usable afterwards.
+      const ok = await t.deliver(env('a@sender.test', 'bob@example.test'), src('Subject: after\r\n\r\nok\r\n'));
+      assert.equal(ok[0]?.status, 'delivered');
+      const all = await stored(s.root, 'bob@example.test');
+      assert.equal(all.length, 1);
+      assert.ok(!all.some((m) => m.includes('Subject: liar')));
+    } finally {
+      await t.close();
+      await s.close();
+    }
+  });
 });

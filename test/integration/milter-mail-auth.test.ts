@@ -7,9 +7,9 @@
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
-import { dkimSign, sealMessage } from 'mailauth';
+import { authenticate, dkimSign, sealMessage } from 'mailauth';
 import { defineMilter, type ScoreEntry } from '../../lib/index.js';
-import { mailAuth, type MailAuthOptions } from '../../milters/mail-auth.js';
+import { mailAuth, publicKeyCache, type MailAuthOptions } from '../../milters/mail-auth.js';
 import { startDnsServer, type TestDnsServer } from '../helpers/dns-server.js';
 import { ehlo, send, split, startGateway, stored } from '../helpers/smtp.js';
 
@@ -298,4 +298,117 @@ test('option checks', () => {
   assert.throws(() => mailAuth({ scores: { SPF_FAIL: Number.NaN } }), invalid);
   assert.throws(() => mailAuth({ authservId: 'bad id;' }), invalid);
   assert.throws(() => mailAuth({ dnsTimeout: 0 }), invalid);
+});
+
+test('the same DKIM, DMARC and ARC results as mailauth authenticate() over the whole message, signed or not', async () => {
+  // A probe before mailAuth runs authenticate() on the message mailAuth is about to see and
+  // records what the old implementation wrote after the SPF part, and the rules it scored.
+  const expected: { ar: string; rules: string[] }[] = [];
+  const oracle = defineMilter({
+    name: 'oracle',
+    async eom(ctx) {
+      const sender = ctx.envelope.sender.address;
+      const r = await authenticate(ctx.message.stream(), {
+        ip: ctx.client.address,
+        ...(ctx.helo !== undefined ? { helo: ctx.helo } : {}),
+        ...(sender ? { sender } : ctx.helo !== undefined ? { sender: `postmaster@${ctx.helo}` } : {}),
+        mta: 'mx.test',
+        resolver: async (name: string, rrtype: string) => (await dns.resolver().resolve(name, rrtype)) as string[][],
+        disableBimi: true,
+      });
+      const dkim = r.dkim.results.map((x) =>
+        x.status.result === 'neutral' && x.status.comment === 'body hash did not verify' ? { ...x, status: { ...x.status, result: 'fail' as const }, info: x.info.replace(/^dkim=neutral/, 'dkim=fail') } : x,
+      );
+      const parts = dkim.map((x) => x.info);
+      if (r.dmarc) parts.push(r.dmarc.info);
+      if (r.arc) parts.push(r.arc.info || `arc=${r.arc.status.result}`);
+      const rules: string[] = [];
+      const passing = dkim.filter((x) => x.status.result === 'pass');
+      if (passing.length) {
+        rules.push('DKIM_VALID');
+        if (passing.some((x) => x.status.aligned)) rules.push('DKIM_VALID_AU');
+      } else if (dkim.some((x) => x.status.result === 'fail')) rules.push('DKIM_INVALID');
+      if (r.dmarc && r.dmarc.status.result === 'pass') rules.push('DMARC_PASS');
+      if (r.dmarc && r.dmarc.status.result === 'fail') rules.push(r.dmarc.policy === 'reject' ? 'DMARC_FAIL_REJECT' : r.dmarc.policy === 'quarantine' ? 'DMARC_FAIL_QUARANTINE' : 'DMARC_FAIL_NONE');
+      if (r.arc && r.arc.status.result === 'pass') rules.push('ARC_PASS');
+      if (r.arc && r.arc.status.result === 'fail') rules.push('ARC_FAIL');
+      expected.push({ ar: parts.join('; '), rules });
+    },
+  });
+  const seen: ScoreEntry[][] = [];
+  const probe = defineMilter({ name: 'probe', async eom(ctx) { seen.push([...ctx.score.entries]); } });
+  const gw = await startGateway({ milters: [oracle, mailAuth({ resolver: dns.resolver() }), probe] });
+  try {
+    const signed = await sign(rfc822('Alice <alice@example.test>', 'd1'));
+    const listed = (await sign(rfc822('Alice <alice@example.test>', 'd8 list'))).replace('see you at noon.\r\n', 'see you at noon.\r\n--\r\nfooter\r\n');
+    const seal = await sealMessage(listed, {
+      signingDomain: 'lists.test',
+      selector: 'arc',
+      privateKey: keys.get('arc._domainkey.lists.test')!,
+      authResults: 'mx.lists.test; dkim=pass header.i=@example.test',
+      cv: 'none',
+    });
+    const cases: [string, string, string][] = [
+      ['alice@example.test', 'client.example.test', rfc822('Alice <alice@example.test>', 'd0 unsigned')],
+      ['alice@example.test', 'client.example.test', signed],
+      ['alice@example.test', '[127.0.0.1]', await sign(rfc822('Alice <alice@example.test>', 'd2 ip helo'))],
+      ['', 'client.example.test', await sign(rfc822('Alice <alice@example.test>', 'd3 null sender'))],
+      ['bounce@bounces.test', 'client.example.test', (await sign(rfc822('Alice <alice@example.test>', 'd4 tampered'))).replace('see you at noon.', 'tampered')],
+      ['x@lists.test', 'client.example.test', await sign(rfc822('Alice <alice@example.test>', 'd5 unaligned', undefined), 'lists.test', 'arc')],
+      ['carol@quar.test', 'client.example.test', rfc822('Carol <carol@quar.test>, Alice <alice@example.test>', 'd6 two authors')],
+      ['carol@quar.test', 'client.example.test', 'Subject: d7 no From\r\n\r\nbody\r\n'],
+      ['list-bounces@lists.test', 'mx.lists.test', seal.toString() + listed],
+      ['alice@example.test', 'client.example.test', rfc822('Alice <alice@example.test>', 'd9 bad signature', undefined, 'DKIM-Signature: v=1; a=rsa-sha256; d=example.test; s=sel; h=from; bh=AAAA; b=AAAA\r\n')],
+    ];
+    for (const [from, helo, message] of cases) {
+      const c = await ehlo(gw.port, helo);
+      const r = await send(c, from, ['bob@dest.test'], message);
+      assert.equal(r.data?.code, 250, message.slice(0, 200));
+      c.end();
+    }
+    assert.equal(expected.length, cases.length);
+    const all = (await stored(gw.root, 'bob@dest.test')).map((m) => headerLines(m));
+    for (let i = 0; i < cases.length; i++) {
+      const subject = /(?:^|\n)Subject: ([^\r]*)/.exec(cases[i]![2])![1]!;
+      const lines = all.find((h) => h.includes(`Subject: ${subject}`));
+      assert.ok(lines, subject);
+      const ar = lines[0]!;
+      assert.ok(ar.endsWith(expected[i]!.ar), `${subject}:\n${ar}\nexpected to end with\n${expected[i]!.ar}`);
+      const rules = seen[i]!.map((e) => e.reason).filter((x) => !x.startsWith('SPF_'));
+      assert.deepEqual(rules, expected[i]!.rules, subject);
+    }
+  } finally {
+    await gw.close();
+  }
+});
+
+test('public keys are parsed once: the key cache hits on the second message signed with the same key', async () => {
+  const keysSeen = publicKeyCache({ max: 10 });
+  const { gw, seen } = await gatewayWith({ keyCache: keysSeen, dnsCache: false });
+  try {
+    const c = await ehlo(gw.port, 'client.example.test');
+    for (let i = 0; i < 3; i++) {
+      const r = await send(c, 'alice@example.test', ['bob@dest.test'], await sign(rfc822('Alice <alice@example.test>', `key ${i}`)));
+      assert.equal(r.data?.code, 250);
+    }
+    assert.deepEqual(keysSeen.stats(), { hits: 2, misses: 1, size: 1 });
+    // Another key (the list's) is a miss; an unsigned message does not look at keys at all.
+    await send(c, 'x@lists.test', ['bob@dest.test'], await sign(rfc822('X <x@lists.test>', 'key other'), 'lists.test', 'arc'));
+    await send(c, 'alice@example.test', ['bob@dest.test'], rfc822('Alice <alice@example.test>', 'key unsigned'));
+    assert.deepEqual(keysSeen.stats(), { hits: 2, misses: 2, size: 2 });
+    c.end();
+    for (const s of seen.slice(0, 3)) assert.ok(s.some((e) => e.reason === 'DKIM_VALID'), 'verified with the cached key');
+    // A rotated key (a new record under the same name) is another key: a miss, and it verifies.
+    publishKey('example.test', 'rot');
+    const c2 = await ehlo(gw.port, 'client.example.test');
+    await send(c2, 'alice@example.test', ['bob@dest.test'], await sign(rfc822('Alice <alice@example.test>', 'key rot 1'), 'example.test', 'rot'));
+    dns.remove('rot._domainkey.example.test');
+    publishKey('example.test', 'rot');
+    await send(c2, 'alice@example.test', ['bob@dest.test'], await sign(rfc822('Alice <alice@example.test>', 'key rot 2'), 'example.test', 'rot'));
+    c2.end();
+    assert.deepEqual(keysSeen.stats(), { hits: 2, misses: 4, size: 4 });
+    assert.ok(seen.at(-1)!.some((e) => e.reason === 'DKIM_VALID'), 'the rotated key verifies');
+  } finally {
+    await gw.close();
+  }
 });

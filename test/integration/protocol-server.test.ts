@@ -146,6 +146,25 @@ test('negotiation: only the stages the milter implements, only offered flags, ve
   assert.equal(n.protocol, (NOSTAGE & ~(SMFIP.NOHDRS | SMFIP.NOBODY)) | SMFIP.NR_HDR | SMFIP.NR_BODY);
   assert.equal(n.actions, EDITS);
 
+  // eom declared not to read headers/body (Milter.needs): SMFIP_NOHDRS / SMFIP_NOBODY.
+  const adder = defineMilter({ name: 'a', needs: { headers: false, body: false }, async eom() {} });
+  n = negotiate(adder, {}, OFFER);
+  assert.equal(n.protocol, NOSTAGE, 'nothing of the message is sent, only end of message');
+  assert.equal(n.actions, EDITS);
+  n = negotiate(defineMilter({ name: 'h', needs: { body: false }, async eom() {} }), {}, OFFER);
+  assert.equal(n.protocol, (NOSTAGE & ~SMFIP.NOHDRS) | SMFIP.NR_HDR, 'headers for eom, without replies; no body');
+  n = negotiate(defineMilter({ name: 'b', needs: { headers: false }, async eom() {} }), {}, OFFER);
+  assert.equal(n.protocol, (NOSTAGE & ~SMFIP.NOBODY) | SMFIP.NR_BODY);
+  // A handler of its own still gets its stage, with replies.
+  n = negotiate(defineMilter({ name: 'hb', needs: { headers: false, body: false }, async header() {}, async body() {}, async eom() {} }), {}, OFFER);
+  assert.equal(n.protocol, (NOSTAGE & ~(SMFIP.NOHDRS | SMFIP.NOBODY)) | SMFIP.SKIP);
+  // needs without an eom handler changes nothing.
+  n = negotiate(defineMilter({ name: 'r2', needs: { headers: true }, async rcpt() {} }), {}, OFFER);
+  assert.equal(n.protocol, NOSTAGE & ~SMFIP.NORCPT);
+  // An MTA that cannot leave the headers out (no NOHDRS offered) sends them without replies.
+  n = negotiate(adder, {}, { ...OFFER, protocol: SMFIP_CURR_PROT & ~SMFIP.NOHDRS });
+  assert.equal(n.protocol & (SMFIP.NOHDRS | SMFIP.NR_HDR), SMFIP.NR_HDR);
+
   // An old MTA: version 2, fewer actions and flags offered.
   n = negotiate(all, {}, { version: 2, actions: SMFIF.ADDHDRS | SMFIF.CHGBODY, protocol: 0x7f });
   assert.equal(n.version, 2);

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import { isDovetailError, ErrorCodes } from '../../lib/errors.js';
-import { Spool, spoolFrom } from '../../lib/message/spool.js';
+import { Spool, spoolFrom, spoolMemoryInUse } from '../../lib/message/spool.js';
 
 let root: string;
 before(async () => {
@@ -60,6 +60,36 @@ function randomChunks(buf: Buffer, max: number): Buffer[] {
 }
 
 describe('Spool', () => {
+  it('the memory budget is shared by every spool: past it, a spool below its threshold goes to disk; dispose gives it back', async () => {
+    const dir = await freshDir();
+    const base = spoolMemoryInUse();
+    const opts = { memoryThreshold: 100_000, memoryBudget: base + 150_000, dir };
+    const a = await spoolFrom(randomBytes(80_000), opts);
+    assert.equal(a.onDisk, false);
+    assert.equal(spoolMemoryInUse(), base + 80_000);
+    const payload = randomBytes(80_000);
+    const b = await spoolFrom(payload, opts);
+    assert.equal(b.onDisk, true, 'a and b together would pass the budget');
+    assert.equal(spoolMemoryInUse(), base + 80_000);
+    assert.deepEqual((await collect(b.createReadStream())).data, payload, 'the spilled one reads back whole');
+    // A spool that spills gives back what it held in memory.
+    const c = new Spool(opts);
+    await writeAndWait(c, randomBytes(60_000));
+    assert.equal(spoolMemoryInUse(), base + 140_000);
+    await writeAndWait(c, randomBytes(20_000));
+    await endAndWait(c);
+    assert.equal(c.onDisk, true);
+    assert.equal(spoolMemoryInUse(), base + 80_000);
+    await a.dispose();
+    assert.equal(spoolMemoryInUse(), base);
+    const d = await spoolFrom(randomBytes(80_000), opts);
+    assert.equal(d.onDisk, false, 'room again once a was disposed');
+    for (const s of [b, c, d]) await s.dispose();
+    await a.dispose();
+    assert.equal(spoolMemoryInUse(), base, 'disposing twice gives nothing back twice');
+    assert.throws(() => new Spool({ memoryBudget: -1 }), { code: ErrorCodes.INVALID_OPTIONS });
+  });
+
   it('keeps a message below the threshold in memory', async () => {
     const dir = await freshDir();
     const payload = randomBytes(1000);

@@ -5,8 +5,9 @@
  * milter8.c expects of a filter).
  *
  * Per MTA connection: OPTNEG first (we ask only for what the milter implements: SMFIP_NO*
- * for stages without a handler, the SMFIF_* actions its eom may use, SKIP when it has a
- * body handler), then the commands in order, each answered as libmilter would. Handlers run
+ * for stages without a handler, SMFIP_NOHDRS / SMFIP_NOBODY when its eom declares it does
+ * not read them (Milter.needs), SMFIP_NR_* for stages sent only for eom's sake, the SMFIF_*
+ * actions its eom may use, SKIP when it has a body handler), then the commands in order, each answered as libmilter would. Handlers run
  * through the chain's machinery (ChainSession.invoke: timeouts, defaultAction, the verdicts
  * each stage allows, diagnostics), so a milter behaves the same served as in-process.
  * Headers are kept in memory up to a bound, the body goes to a Spool (RAM, then a temp
@@ -198,11 +199,14 @@ export function negotiate(milter: Milter, options: NegotiationOptions, offer: Pi
   const offered = offer.protocol & SMFIP_VERSION_MASK[version];
   const noReply = new Set(options.noReply ?? []);
   const eom = has(milter, 'eom');
+  // What the eom handler reads of the message (Milter.needs; both unless declared false).
+  const eomHeaders = eom && milter.needs?.headers !== false;
+  const eomBody = eom && milter.needs?.body !== false;
   let protocol = 0;
   for (const [stage, f] of Object.entries(WIRE_STAGES) as [WireStage, { no: number; nr: number }][]) {
     const handler = has(milter, stage);
     // The eom handler needs the message: headers and body are sent, but need no reply.
-    const needed = handler || (eom && (stage === 'header' || stage === 'body'));
+    const needed = handler || (stage === 'header' && eomHeaders) || (stage === 'body' && eomBody);
     if (!needed) {
       if (offered & f.no) protocol |= f.no;
       else if (offered & f.nr) protocol |= f.nr;
