@@ -268,9 +268,18 @@ export interface PublicKeyCacheStats {
  */
 export interface PublicKeyCache {
   stats(): PublicKeyCacheStats;
-  /** @internal mailauth's per-message key lookup, backed by this cache. */
+}
+
+/**
+ * The cache as mailAuth() uses it. Kept out of the public interface so the published
+ * declarations name no mailauth type (mailauth is an optional peer: a project without it
+ * must still type-check against dovetail/milters).
+ */
+interface KeyCacheInternals extends PublicKeyCache {
+  /** mailauth's per-message key lookup, backed by this cache. */
   forMessage(parts: MailauthParts, resolver: MailauthResolver): MailauthKeyCache;
 }
+const internals = (cache: PublicKeyCache): KeyCacheInternals => cache as KeyCacheInternals;
 
 /** Creates a {@link PublicKeyCache} holding at most `max` parsed keys (default 1000). */
 export function publicKeyCache(options: { readonly max?: number } = {}): PublicKeyCache {
@@ -279,7 +288,7 @@ export function publicKeyCache(options: { readonly max?: number } = {}): PublicK
   const lru = new LRUCache<string, Promise<PublicKeyRecord>>({ max });
   let hits = 0;
   let misses = 0;
-  return {
+  const cache: KeyCacheInternals = {
     stats: () => ({ hits, misses, size: lru.size }),
     forMessage(parts, resolver) {
       // As mailauth's own createKeyCache: one lookup per question per message.
@@ -325,6 +334,7 @@ export function publicKeyCache(options: { readonly max?: number } = {}): PublicK
       };
     },
   };
+  return cache;
 }
 
 const ARC_HEADERS = new Set(['arc-seal', 'arc-message-signature', 'arc-authentication-results']);
@@ -474,7 +484,7 @@ export function mailAuth(options: MailAuthOptions = {}): Milter {
 
     const verifier = new ma.DkimVerifier({ resolver: m.resolve, sender: authSender, minBitLength: options.minBitLength, strict: false });
     if (keys) {
-      const kc = keys.forMessage(ma, m.resolve);
+      const kc = internals(keys).forMessage(ma, m.resolve);
       verifier.keyCache = kc;
       Object.defineProperty(verifier.arc, 'keyCache', { value: kc, enumerable: false, configurable: true, writable: true });
     }
