@@ -463,6 +463,8 @@ export async function runPeers(): Promise<void> {
 
   async function harakaSystem(name: TargetName, sink: Sink): Promise<System> {
     const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'dovetail-bench-haraka-'));
+    // Haraka's own default config (what `haraka -i DIR` installs), then ours over it.
+    await fsp.cp(path.join(HARAKA_DIR, 'node_modules/Haraka/config'), path.join(dir, 'config'), { recursive: true });
     await fsp.cp(path.join(HARAKA_DIR, 'config'), path.join(dir, 'config'), { recursive: true });
     const port = await freePort();
     await fsp.writeFile(path.join(dir, 'config/smtp.ini'), `[main]\nlisten=127.0.0.1:${port}\nnodes=0\ninactivity_timeout=300\n`);
