@@ -651,6 +651,7 @@ export async function runPeers(): Promise<void> {
     `${opts.connections} connections × ${opts.messages} messages of ${opts.size} bytes, large: ${opts.largeCount} × ${opts.largeSize} bytes; ${opts.warmup} warm-up + ${opts.rounds} rounds; targets: ${names.join(', ')}`);
   const systems: System[] = [];
   const samples = new Map<TargetName, Sample[]>();
+  const failures = new Map<TargetName, string>();
   let failed: unknown;
   try {
     for (const n of names) {
@@ -662,11 +663,26 @@ export async function runPeers(): Promise<void> {
     for (let r = 0; r < total; r++) {
       const warm = r < opts.warmup;
       const tag = warm ? `warm-up ${r + 1}/${opts.warmup}` : `round ${r - opts.warmup + 1}/${opts.rounds}`;
-      const order = systems.map((_, i) => systems[(i + r) % systems.length]!);
+      // Large messages are not warmed up (they take long and the JIT has warmed up on the rest).
+      const active = systems.filter((s) => !failures.has(s.name) && !(warm && TARGETS[s.name].group === 'large'));
+      const order = active.map((_, i) => active[(i + r) % active.length]!);
       const line: string[] = [];
       for (const [i, s] of order.entries()) {
+        if (stopping) throw new Error('stopping');
         progress(`${tag} · ${s.name} (${i + 1}/${order.length}) · ${line.slice(-2).join(' · ')}`);
-        const x = await measure(s, r - opts.warmup);
+        let x: Sample;
+        try {
+          x = await measure(s, r - opts.warmup);
+        } catch (err) {
+          // One system failing (a peer's timeout under load, say) is a result: it is reported, stopped, and left out of later rounds.
+          const why = err instanceof Error ? err.message : String(err);
+          failures.set(s.name, why);
+          line.push(`${s.name} FAILED`);
+          log(`  ${s.name} failed: ${why}; left out from now on`);
+          const entry = started.find((e) => e.name === s.name);
+          if (entry) await stopOne(entry);
+          continue;
+        }
         if (!warm) samples.get(s.name)!.push(x);
         line.push(`${s.name} ${Math.round(x.acceptedPerSec)}/s ${x.cpuMsPerMsg.toFixed(2)} ms/msg ${mib(x.peakRss)} MiB`);
       }
@@ -693,9 +709,11 @@ export async function runPeers(): Promise<void> {
     const all = concat(x.map((r) => r.latencies));
     const def = TARGETS[s.name];
     const fb = x.map((r) => r.filterBytesPerMsg).filter((v): v is number => v !== undefined);
+    const failure = failures.get(s.name);
     return {
       name: s.name,
       group: def.group,
+      ...(failure !== undefined ? { failed: failure } : {}),
       label: s.label,
       description: def.description,
       messagesPerRound: x[0]?.messages ?? 0,
@@ -706,8 +724,8 @@ export async function runPeers(): Promise<void> {
       p99Ms: percentile(all, 99),
       cpuMsPerMsg: spread(x.map((r) => r.cpuMsPerMsg)),
       sysMsPerMsg: spread(x.map((r) => r.sysMsPerMsg)),
-      peakRssMiB: mib(Math.max(...x.map((r) => r.peakRss))),
-      peakProcs: Math.max(...x.map((r) => r.procs)),
+      peakRssMiB: x.length ? mib(Math.max(...x.map((r) => r.peakRss))) : NaN,
+      peakProcs: x.length ? Math.max(...x.map((r) => r.procs)) : NaN,
       ...(fb.length ? { filterBytesPerMsg: spread(fb) } : {}),
       greetingMs: spread(x.map((r) => r.greetingMs)),
       otherMsPerMsg: spread(x.map((r) => r.otherMsPerMsg)),
@@ -716,9 +734,10 @@ export async function runPeers(): Promise<void> {
     };
   });
   const ratios = PAIRS.filter(([a, b]) => samples.has(a) && samples.has(b)).map(([a, b]) => {
-    const xa = samples.get(a)!;
-    const xb = samples.get(b)!;
-    const per = (f: (s: Sample) => number): Spread => spread(xa.map((s, i) => f(s) / f(xb[i]!)));
+    // Round by round, over the rounds both have (a system that failed has fewer).
+    const xb = new Map(samples.get(b)!.map((s) => [s.round, s]));
+    const xa = samples.get(a)!.filter((s) => xb.has(s.round));
+    const per = (f: (s: Sample) => number): Spread => spread(xa.map((s) => f(s) / f(xb.get(s.round)!)));
     return { a, b, acceptedPerSec: per((s) => s.acceptedPerSec), cpuMsPerMsg: per((s) => s.cpuMsPerMsg), peakRss: per((s) => s.peakRss), p50: per((s) => percentile(s.latencies, 50)) };
   });
   const when = new Date().toISOString();
@@ -755,6 +774,7 @@ type Result = {
   targets: {
     name: string;
     group: Group;
+    failed?: string;
     description: string;
     messagesPerRound: number;
     messageBytes: number;
@@ -802,11 +822,20 @@ export function markdown(r: Result): string {
     if (g === 'milter') head.push('bytes/msg read by the filter');
     const rows = [head];
     for (const t of ts) {
+      if (t.failed !== undefined && !Number.isFinite(t.acceptedPerSec.median)) {
+        rows.push([`\`${t.name}\``, `failed: ${t.failed.replace(/\|/g, '/').slice(0, 200)}`, ...head.slice(2).map(() => '–')]);
+        continue;
+      }
       const row = [`\`${t.name}\``, range(t.acceptedPerSec, f0), f0(t.deliveredPerSec.median), `${f2(t.p50Ms)} / ${f2(t.p99Ms)}`, range(t.cpuMsPerMsg, f2), String(t.peakRssMiB)];
       if (g === 'milter') row.push(t.filterBytesPerMsg ? f0(t.filterBytesPerMsg.median) : '–');
       rows.push(row);
     }
     out.push(mdTable(rows));
+  }
+  const failed = r.targets.filter((t) => t.failed !== undefined);
+  if (failed.length) {
+    out.push(`\n**Failed** (the system was stopped and left out of the rounds after):\n`);
+    for (const t of failed) out.push(`- \`${t.name}\`: ${t.failed!.replace(/\s+/g, ' ').slice(0, 300)}`);
   }
   if (r.ratios.length) {
     out.push(`\n**Ratios, taken round by round (median [min–max])**\n`);
