@@ -150,6 +150,8 @@ const OPTIONS = {
   'large-size': { type: 'string', default: String(10 * 1000 * 1000) },
   out: { type: 'string' },
   'no-docs': { type: 'boolean', default: false },
+  note: { type: 'string' },
+  report: { type: 'string' },
   timeout: { type: 'string' },
   help: { type: 'boolean', short: 'h', default: false },
 } as const;
@@ -165,6 +167,8 @@ const USAGE = [
   '  --large-count N      concurrent large messages; --large-size BYTES (default 10 000 000)',
   '  --out FILE           the JSON (default bench/results/peers-<profile>-<time>.json)',
   '  --no-docs            do not touch docs/benchmarks.md',
+  '  --note TEXT          a sentence put above the tables (e.g. "provisional: a shared machine")',
+  '  --report FILE        run nothing: write the docs from a JSON an earlier run wrote (with --note)',
   '  --timeout S          watchdog for the whole run (default 1800; --full 7200)',
   '',
 ].join('\n');
@@ -267,6 +271,13 @@ export async function runPeers(): Promise<void> {
   const args = parse();
   if (args.help) {
     process.stdout.write(USAGE);
+    return;
+  }
+  if (args.report !== undefined) {
+    const saved = JSON.parse(await fsp.readFile(args.report, 'utf8')) as Result;
+    const result = args.note !== undefined ? { ...saved, note: args.note } : saved;
+    process.stdout.write(markdown(result) + '\n');
+    await writeReport(result, (line) => void process.stderr.write(line + '\n'));
     return;
   }
   const profileName = args.smoke ? 'smoke' : args.full ? 'full' : 'quick';
@@ -733,7 +744,7 @@ export async function runPeers(): Promise<void> {
       rounds: x.map(({ latencies: _l, ...rest }) => rest),
     };
   });
-  const ratios = PAIRS.filter(([a, b]) => samples.has(a) && samples.has(b)).map(([a, b]) => {
+  const ratios = PAIRS.filter(([a, b]) => samples.get(a)?.some((x) => samples.get(b)?.some((y) => y.round === x.round))).map(([a, b]) => {
     // Round by round, over the rounds both have (a system that failed has fewer).
     const xb = new Map(samples.get(b)!.map((s) => [s.round, s]));
     const xa = samples.get(a)!.filter((s) => xb.has(s.round));
@@ -741,27 +752,30 @@ export async function runPeers(): Promise<void> {
     return { a, b, acceptedPerSec: per((s) => s.acceptedPerSec), cpuMsPerMsg: per((s) => s.cpuMsPerMsg), peakRss: per((s) => s.peakRss), p50: per((s) => percentile(s.latencies, 50)) };
   });
   const when = new Date().toISOString();
-  const result = { when, profile: opts.profile, machine, options: opts, targets: summary, ratios };
+  const result = { when, profile: opts.profile, ...(args.note !== undefined ? { note: args.note } : {}), machine, options: opts, targets: summary, ratios };
   const outFile = args.out ?? path.join(REPO, 'bench/results', `peers-${opts.profile}-${when.replace(/[:.]/g, '-')}.json`);
   await fsp.mkdir(path.dirname(outFile), { recursive: true });
   await fsp.writeFile(outFile, JSON.stringify(result, null, 2) + '\n');
   const md = markdown(result);
   process.stdout.write(md + '\n');
   log(`bench/peers: JSON in ${outFile}`);
-  if (writeDocs) {
-    const svgFile = path.join(REPO, 'docs/benchmarks-peers.svg');
-    await fsp.writeFile(svgFile, svg(result));
-    const doc = path.join(REPO, 'docs/benchmarks.md');
-    const text = await fsp.readFile(doc, 'utf8');
-    const BEGIN = '<!-- peers:begin -->';
-    const END = '<!-- peers:end -->';
-    const block = `${BEGIN}\n<!-- written by bench/peers.ts (${opts.profile} profile, ${when}); do not edit by hand -->\n\n${md}\n\n![msg/s and CPU per message, median with min–max over rounds](benchmarks-peers.svg)\n\n${END}`;
-    const i = text.indexOf(BEGIN);
-    const j = text.indexOf(END);
-    const next = i >= 0 && j > i ? text.slice(0, i) + block + text.slice(j + END.length) : `${text.trimEnd()}\n\n## Against the peers (bench/peers.ts)\n\n${block}\n`;
-    await fsp.writeFile(doc, next);
-    log(`bench/peers: docs/benchmarks.md and docs/benchmarks-peers.svg updated`);
-  }
+  if (writeDocs) await writeReport(result, log);
+}
+
+/** Writes docs/benchmarks-peers.svg and the Markdown between the markers in docs/benchmarks.md. */
+async function writeReport(result: Result, log: (s: string) => void): Promise<void> {
+  const md = markdown(result);
+  await fsp.writeFile(path.join(REPO, 'docs/benchmarks-peers.svg'), svg(result));
+  const doc = path.join(REPO, 'docs/benchmarks.md');
+  const text = await fsp.readFile(doc, 'utf8');
+  const BEGIN = '<!-- peers:begin -->';
+  const END = '<!-- peers:end -->';
+  const block = `${BEGIN}\n<!-- written by bench/peers.ts (${result.profile} profile, ${result.when}); do not edit by hand -->\n\n${md}\n\n![accepted msg/s and CPU ms per message, median with min–max over rounds](benchmarks-peers.svg)\n\n${END}`;
+  const i = text.indexOf(BEGIN);
+  const j = text.indexOf(END);
+  const next = i >= 0 && j > i ? text.slice(0, i) + block + text.slice(j + END.length) : `${text.trimEnd()}\n\n## Against the peers (bench/peers.ts)\n\n${block}\n`;
+  await fsp.writeFile(doc, next);
+  log(`bench/peers: docs/benchmarks.md and docs/benchmarks-peers.svg updated`);
 }
 
 // ================================================================ output
@@ -769,6 +783,7 @@ export async function runPeers(): Promise<void> {
 type Result = {
   when: string;
   profile: string;
+  note?: string;
   machine: Record<string, string | number>;
   options: { connections: number; messages: number; size: number; largeCount: number; largeSize: number; rounds: number; warmup: number };
   targets: {
@@ -809,6 +824,7 @@ export function markdown(r: Result): string {
   const m = r.machine;
   const o = r.options;
   const out: string[] = [];
+  if (r.note) out.push(`**${r.note}**\n`);
   out.push(
     `Run ${r.when} (${r.profile} profile): ${m['cpus']} CPUs (${m['cpuModel']}), ${m['memoryGiB']} GiB RAM, Linux ${m['kernel']}; node ${m['node']}, Postfix ${m['postfix']}, Haraka ${m['haraka']}, Dovecot ${m['dovecot']} (not run), python3-milter ${m['libmilter']}. ` +
       `Load: bench/load.ts, ${o.connections} connections × ${o.messages} messages of ${o.size.toLocaleString('en-US')} bytes per target per round (pipelined MAIL/RCPT/DATA, connections opened before the window); ` +
@@ -840,7 +856,7 @@ export function markdown(r: Result): string {
   if (r.ratios.length) {
     out.push(`\n**Ratios, taken round by round (median [min–max])**\n`);
     const rows = [['a ÷ b', 'accepted msg/s', 'CPU ms/msg', 'peak RSS', 'p50 latency']];
-    for (const x of r.ratios) rows.push([`\`${x.a}\` ÷ \`${x.b}\``, range(x.acceptedPerSec, f2), range(x.cpuMsPerMsg, f2), range(x.peakRss, f2), range(x.p50, f2)]);
+    for (const x of r.ratios.filter((x) => Number.isFinite(x.acceptedPerSec.median))) rows.push([`\`${x.a}\` ÷ \`${x.b}\``, range(x.acceptedPerSec, f2), range(x.cpuMsPerMsg, f2), range(x.peakRss, f2), range(x.p50, f2)]);
     out.push(mdTable(rows));
   }
   out.push(
@@ -853,9 +869,13 @@ export function markdown(r: Result): string {
 
 const esc = (s: string): string => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
 
-/** Two panels of horizontal bars (accepted msg/s, CPU ms/msg), median with a min–max whisker, one row per target. */
+/**
+ * Two panels of horizontal bars (accepted msg/s, CPU ms/msg), median with a min–max whisker,
+ * one row per target; the large-message targets are left out (their figure is the RSS, and
+ * their CPU per 10 MB message would flatten every other bar).
+ */
 export function svg(r: Result): string {
-  const ts = r.targets;
+  const ts = r.targets.filter((t) => t.group !== 'large');
   const rowH = 22;
   const labelW = 190;
   const panelW = 300;
