@@ -834,7 +834,7 @@ export function markdown(r: Result): string {
     const ts = r.targets.filter((t) => t.group === g);
     if (!ts.length) continue;
     out.push(`\n**${GROUP_TITLES[g]}**\n`);
-    const head = ['target', 'accepted msg/s [min–max]', 'delivered msg/s', 'p50 / p99 ms', 'CPU ms/msg [min–max]', 'peak RSS MiB'];
+    const head = ['target', 'accepted msg/s [min–max]', 'delivered msg/s', 'p50 / p99 ms', 'CPU ms/msg [min–max]', 'peak RSS MiB', 'connect→220 ms'];
     if (g === 'milter') head.push('bytes/msg read by the filter');
     const rows = [head];
     for (const t of ts) {
@@ -842,7 +842,7 @@ export function markdown(r: Result): string {
         rows.push([`\`${t.name}\``, `failed: ${t.failed.replace(/\|/g, '/').slice(0, 200)}`, ...head.slice(2).map(() => '–')]);
         continue;
       }
-      const row = [`\`${t.name}\``, range(t.acceptedPerSec, f0), f0(t.deliveredPerSec.median), `${f2(t.p50Ms)} / ${f2(t.p99Ms)}`, range(t.cpuMsPerMsg, f2), String(t.peakRssMiB)];
+      const row = [`\`${t.name}\``, range(t.acceptedPerSec, f0), f0(t.deliveredPerSec.median), `${f2(t.p50Ms)} / ${f2(t.p99Ms)}`, range(t.cpuMsPerMsg, f2), String(t.peakRssMiB), f0(t.greetingMs.median)];
       if (g === 'milter') row.push(t.filterBytesPerMsg ? f0(t.filterBytesPerMsg.median) : '–');
       rows.push(row);
     }
@@ -862,7 +862,8 @@ export function markdown(r: Result): string {
   out.push(
     `\nCPU: utime+stime (with reaped children) of the system's whole process tree (Postfix: master and every daemon; with a milter: plus the filter process) from the first MAIL until the sink had every message and the queue was empty, ÷ messages. ` +
       `Peak RSS: the tree's summed RSS sampled every 100 ms (shared pages counted once per process), or the process's VmHWM when larger (one-process systems). ` +
-      `Bytes read by the filter: its rchar (/proc/<pid>/io) over the window ÷ messages.`,
+      `Bytes read by the filter: its rchar (/proc/<pid>/io) over the window ÷ messages. ` +
+      `connect→220: median over the round's connections, outside the measured window (smtp-server holds its greeting 100 ms).`,
   );
   return out.join('\n');
 }
