@@ -51,6 +51,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { startDovecot } from '../test/helpers/dovecot.js';
 import { startPostfix, requireBinary } from '../test/helpers/postfix.js';
 import { PYTHON, REFERENCE_FILTER, requirePythonMilter } from '../test/helpers/libmilter.js';
 import { freePort, waitForPort } from '../test/helpers/ports.js';
@@ -79,6 +80,8 @@ export const TARGET_NAMES = [
   'dovetail+mx-dkim',
   'haraka',
   'postfix',
+  'dovetail>dovecot',
+  'postfix>dovecot',
   'dovetail-outbound',
   'postfix-outbound',
   'postfix+serve-milter',
@@ -87,7 +90,7 @@ export const TARGET_NAMES = [
   'haraka-large',
 ] as const;
 export type TargetName = (typeof TARGET_NAMES)[number];
-type Group = 'inbound' | 'outbound' | 'milter' | 'large';
+type Group = 'inbound' | 'dovecot' | 'outbound' | 'milter' | 'large';
 type MessageKind = 'plain' | 'unsigned' | 'signed' | 'large';
 
 interface TargetDef {
@@ -105,6 +108,8 @@ const TARGETS: Record<TargetName, TargetDef> = {
   'dovetail+mx-dkim': { group: 'inbound', message: 'signed', description: 'the same, message DKIM-signed (rsa-2048, key in the loopback DNS): mailAuth verifies it' },
   haraka: { group: 'inbound', message: 'plain', description: 'Haraka (one process): rcpt_to.in_host_list + queue/lmtp (its outbound queue, on disk)' },
   postfix: { group: 'inbound', message: 'plain', description: 'Postfix smtpd → queue → lmtp (defaults; smtpd_peername_lookup = no)' },
+  'dovetail>dovecot': { group: 'dovecot', message: 'plain', description: 'createGateway(), no milters, lmtp() into a real Dovecot LMTP (Maildir; its CPU is not counted)' },
+  'postfix>dovecot': { group: 'dovecot', message: 'plain', description: 'Postfix smtpd → queue → lmtp into a real Dovecot LMTP (Maildir; its CPU is not counted)' },
   'dovetail-outbound': { group: 'outbound', message: 'plain', description: 'createGateway() + createQueue() → smtp() relayhost to an SMTP smtp-sink (as bench/outbound.ts)' },
   'postfix-outbound': { group: 'outbound', message: 'plain', description: 'Postfix smtpd → queue → smtp relayhost to an SMTP smtp-sink (as bench/outbound.ts)' },
   'postfix+serve-milter': { group: 'milter', message: 'plain', description: 'Postfix with smtpd_milters → serveMilter() filter (RCPT continue, eom addHeader), lmtp to the sink' },
@@ -123,6 +128,7 @@ const PAIRS: readonly (readonly [TargetName, TargetName])[] = [
   ['dovetail+quickstart', 'postfix'],
   ['dovetail+mx', 'postfix'],
   ['dovetail+mx-dkim', 'dovetail+mx'],
+  ['dovetail>dovecot', 'postfix>dovecot'],
   ['dovetail-outbound', 'postfix-outbound'],
   ['postfix+serve-milter', 'postfix+libmilter'],
   ['dovetail-large', 'haraka-large'],
@@ -395,6 +401,39 @@ export async function runPeers(): Promise<void> {
     return sink;
   }
 
+  /**
+   * Dovecot LMTP (test/helpers/dovecot.ts) as the "sink": its count is the files in bob's
+   * Maildir/new, polled. Its own CPU is charged to nobody (pid 0): it is the same store for both.
+   */
+  async function dovecotStore(name: string): Promise<Sink> {
+    const dc = await startDovecot([{ address: 'bob@example.test' }]);
+    track({ name: `dovecot (${name})`, stop: () => dc.stop(), kill: () => void dc.stop() });
+    const newDir = path.join(dc.maildir('bob@example.test'), 'new');
+    const count = (): number => {
+      try {
+        return fs.readdirSync(newDir).length;
+      } catch {
+        return 0;
+      }
+    };
+    return {
+      port: dc.port,
+      pid: 0,
+      messages: count,
+      sessions: () => 0,
+      async waitFor(n, timeoutMs) {
+        const by = performance.now() + timeoutMs;
+        for (;;) {
+          if (count() >= n) return performance.now();
+          if (performance.now() > by) throw new Error(`dovecot for ${name}: ${count()} of ${n} messages after ${timeoutMs} ms`);
+          await sleep(10);
+        }
+      },
+      stop: () => dc.stop(),
+      kill: () => void dc.stop(),
+    };
+  }
+
   async function nodeSystem(name: TargetName, kind: SystemKind, sink: Sink, extra: string[] = [], queueDir?: string): Promise<System> {
     const child = fork(path.join(HERE, 'peers-system.js'), [kind, '--lmtp-port', String(sink.port), '--sink-port', String(sink.port), ...extra], {
       stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
@@ -556,6 +595,10 @@ export async function runPeers(): Promise<void> {
         return harakaSystem(name, await sinkFor(name, true));
       case 'postfix':
         return postfixSystem(name, await sinkFor(name, true), {});
+      case 'dovetail>dovecot':
+        return nodeSystem(name, 'dovetail', await dovecotStore(name));
+      case 'postfix>dovecot':
+        return postfixSystem(name, await dovecotStore(name), {});
       case 'postfix-outbound': {
         const sink = await sinkFor(name, false);
         return postfixSystem(name, sink, {
@@ -815,6 +858,7 @@ const mdTable = (rows: string[][]): string => [rows[0]!, rows[0]!.map(() => '---
 
 const GROUP_TITLES: Record<Group, string> = {
   inbound: 'Inbound, delivering over LMTP into smtp-sink -L',
+  dovecot: 'Inbound into a real mailstore: Dovecot LMTP writing Maildir',
   outbound: 'Outbound through a queue into smtp-sink (SMTP)',
   milter: 'A milter behind Postfix (one header added at eom)',
   large: 'Large messages: every message on its own connection, all at once',
@@ -826,11 +870,11 @@ export function markdown(r: Result): string {
   const out: string[] = [];
   if (r.note) out.push(`**${r.note}**\n`);
   out.push(
-    `Run ${r.when} (${r.profile} profile): ${m['cpus']} CPUs (${m['cpuModel']}), ${m['memoryGiB']} GiB RAM, Linux ${m['kernel']}; node ${m['node']}, Postfix ${m['postfix']}, Haraka ${m['haraka']}, Dovecot ${m['dovecot']} (not run), python3-milter ${m['libmilter']}. ` +
+    `Run ${r.when} (${r.profile} profile): ${m['cpus']} CPUs (${m['cpuModel']}), ${m['memoryGiB']} GiB RAM, Linux ${m['kernel']}; node ${m['node']}, Postfix ${m['postfix']}, Haraka ${m['haraka']}, Dovecot ${m['dovecot']}, python3-milter ${m['libmilter']}. ` +
       `Load: bench/load.ts, ${o.connections} connections × ${o.messages} messages of ${o.size.toLocaleString('en-US')} bytes per target per round (pipelined MAIL/RCPT/DATA, connections opened before the window); ` +
       `large: ${o.largeCount} × ${o.largeSize.toLocaleString('en-US')} bytes; ${o.warmup} warm-up + ${o.rounds} measured rounds, order rotating.`,
   );
-  for (const g of ['inbound', 'outbound', 'milter', 'large'] as const) {
+  for (const g of ['inbound', 'dovecot', 'outbound', 'milter', 'large'] as const) {
     const ts = r.targets.filter((t) => t.group === g);
     if (!ts.length) continue;
     out.push(`\n**${GROUP_TITLES[g]}**\n`);
