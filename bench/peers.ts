@@ -13,6 +13,8 @@
  *   signed with a key published on the bench's loopback DNS server, so mailAuth verifies
  *   it), `haraka` (Haraka 3.3.4 from bench/haraka: rcpt_to.in_host_list + queue/lmtp),
  *   `postfix` (smtpd → queue → lmtp).
+ * - into a real mailstore: `dovetail>dovecot`, `postfix>dovecot` deliver over LMTP into a
+ *   Dovecot of their own (test/helpers/dovecot.ts, Maildir) instead of the sink.
  * - outbound through a queue into an SMTP `smtp-sink`: `dovetail-outbound`, `postfix-outbound`
  *   (bench/outbound.ts's configuration).
  * - a milter behind Postfix: `postfix+serve-milter` (our serveMilter) and `postfix+libmilter`
@@ -38,10 +40,10 @@
  * with --smoke or --no-docs) writes the table and an SVG chart into docs/benchmarks.md
  * between `<!-- peers:begin -->` and `<!-- peers:end -->` (the chart: docs/benchmarks-peers.svg).
  *
- * It needs root and the Debian packages postfix and python3-milter (scripts/install-peers.sh),
+ * It needs root and the Debian packages postfix, dovecot-lmtpd and python3-milter (scripts/install-peers.sh),
  * and installs Haraka into bench/haraka/node_modules with npm when it is missing. Everything
  * it starts is stopped at the end, on error, on SIGINT/SIGTERM and by the watchdog.
- * It does not tune the machine, and it does not run Dovecot (the sink stands in for it).
+ * It does not tune the machine, and it does not charge Dovecot's CPU to anyone.
  */
 import { fork, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';

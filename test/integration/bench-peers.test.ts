@@ -1,7 +1,7 @@
 /**
  * The peers benchmark (bench/peers.ts) in its tiniest mode, so that it cannot rot: `--smoke`
- * starts every real peer (Postfix four times, Haraka twice, the python3-milter filter,
- * smtp-sink per system, the Node systems as child processes), sends each a handful of
+ * starts every real peer (Postfix five times, Dovecot LMTP twice, Haraka twice, the
+ * python3-milter filter, smtp-sink per system, the Node systems as child processes), sends each a handful of
  * messages in one round, and writes its JSON. The test checks that every target is in it
  * with numbers (throughput, latency, CPU per message, peak RSS; bytes read by the filter for
  * the milter targets) and that every ratio is there. It needs root and the Debian peers
