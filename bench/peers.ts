@@ -283,7 +283,7 @@ export async function runPeers(): Promise<void> {
   }
   if (args.report !== undefined) {
     const saved = JSON.parse(await fsp.readFile(args.report, 'utf8')) as Result;
-    const result = args.note !== undefined ? { ...saved, note: args.note } : saved;
+    const result = { ...saved, ...(args.note !== undefined ? { note: args.note } : {}), ratios: computeRatios(saved.targets) };
     process.stdout.write(markdown(result) + '\n');
     await writeReport(result, (line) => void process.stderr.write(line + '\n'));
     return;
@@ -409,7 +409,15 @@ export async function runPeers(): Promise<void> {
    */
   async function dovecotStore(name: string): Promise<Sink> {
     const dc = await startDovecot([{ address: 'bob@example.test' }]);
-    track({ name: `dovecot (${name})`, stop: () => dc.stop(), kill: () => void dc.stop() });
+    /** Synchronous last resort: SIGKILL to the master (base_dir/master.pid), whose children follow. */
+    const kill = (): void => {
+      try {
+        process.kill(Number(fs.readFileSync(path.join(dc.dir, 'run', 'master.pid'), 'utf8').trim()), 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    };
+    track({ name: `dovecot (${name})`, stop: () => dc.stop(), kill });
     const newDir = path.join(dc.maildir('bob@example.test'), 'new');
     const count = (): number => {
       try {
@@ -432,7 +440,7 @@ export async function runPeers(): Promise<void> {
         }
       },
       stop: () => dc.stop(),
-      kill: () => void dc.stop(),
+      kill,
     };
   }
 
@@ -789,13 +797,7 @@ export async function runPeers(): Promise<void> {
       rounds: x.map(({ latencies: _l, ...rest }) => rest),
     };
   });
-  const ratios = PAIRS.filter(([a, b]) => samples.get(a)?.some((x) => samples.get(b)?.some((y) => y.round === x.round))).map(([a, b]) => {
-    // Round by round, over the rounds both have (a system that failed has fewer).
-    const xb = new Map(samples.get(b)!.map((s) => [s.round, s]));
-    const xa = samples.get(a)!.filter((s) => xb.has(s.round));
-    const per = (f: (s: Sample) => number): Spread => spread(xa.map((s) => f(s) / f(xb.get(s.round)!)));
-    return { a, b, acceptedPerSec: per((s) => s.acceptedPerSec), cpuMsPerMsg: per((s) => s.cpuMsPerMsg), peakRss: per((s) => s.peakRss), p50: per((s) => percentile(s.latencies, 50)) };
-  });
+  const ratios = computeRatios(summary);
   const when = new Date().toISOString();
   const result = { when, profile: opts.profile, ...(args.note !== undefined ? { note: args.note } : {}), machine, options: opts, targets: summary, ratios };
   const outFile = args.out ?? path.join(REPO, 'bench/results', `peers-${opts.profile}-${when.replace(/[:.]/g, '-')}.json`);
@@ -821,6 +823,50 @@ async function writeReport(result: Result, log: (s: string) => void): Promise<vo
   const next = i >= 0 && j > i ? text.slice(0, i) + block + text.slice(j + END.length) : `${text.trimEnd()}\n\n## Against the peers (bench/peers.ts)\n\n${block}\n`;
   await fsp.writeFile(doc, next);
   log(`bench/peers: docs/benchmarks.md and docs/benchmarks-peers.svg updated`);
+}
+
+// ================================================================ ratios
+
+/** What a round keeps in the JSON (the ratios are computed from these, so --report can redo them). */
+interface RoundFigures {
+  readonly round: number;
+  readonly acceptedPerSec: number;
+  readonly deliveredPerSec: number;
+  readonly cpuMsPerMsg: number;
+  readonly peakRss: number;
+  readonly p50: number;
+}
+
+export interface Ratio {
+  readonly a: string;
+  readonly b: string;
+  readonly acceptedPerSec: Spread;
+  readonly deliveredPerSec: Spread;
+  readonly cpuMsPerMsg: Spread;
+  readonly peakRss: Spread;
+  readonly p50: Spread;
+}
+
+/** a ÷ b for every pair in PAIRS, round by round over the rounds both have (a system that failed has fewer). */
+export function computeRatios(targets: readonly { readonly name: string; readonly rounds: readonly RoundFigures[] }[]): Ratio[] {
+  const byName = new Map(targets.map((t) => [t.name, t.rounds]));
+  const out: Ratio[] = [];
+  for (const [a, b] of PAIRS) {
+    const rb = new Map((byName.get(b) ?? []).map((x) => [x.round, x]));
+    const ra = (byName.get(a) ?? []).filter((x) => rb.has(x.round));
+    if (!ra.length) continue;
+    const per = (f: (x: RoundFigures) => number): Spread => spread(ra.map((x) => f(x) / f(rb.get(x.round)!)));
+    out.push({
+      a,
+      b,
+      acceptedPerSec: per((x) => x.acceptedPerSec),
+      deliveredPerSec: per((x) => x.deliveredPerSec),
+      cpuMsPerMsg: per((x) => x.cpuMsPerMsg),
+      peakRss: per((x) => x.peakRss),
+      p50: per((x) => x.p50),
+    });
+  }
+  return out;
 }
 
 // ================================================================ output
@@ -849,8 +895,9 @@ type Result = {
     filterBytesPerMsg?: Spread;
     greetingMs: Spread;
     otherMsPerMsg: Spread;
+    rounds: RoundFigures[];
   }[];
-  ratios: { a: string; b: string; acceptedPerSec: Spread; cpuMsPerMsg: Spread; peakRss: Spread; p50: Spread }[];
+  ratios: Ratio[];
 };
 
 const f0 = (n: number): string => (Number.isFinite(n) ? Math.round(n).toLocaleString('en-US') : '–');
@@ -901,8 +948,10 @@ export function markdown(r: Result): string {
   }
   if (r.ratios.length) {
     out.push(`\n**Ratios, taken round by round (median [min–max])**\n`);
-    const rows = [['a ÷ b', 'accepted msg/s', 'CPU ms/msg', 'peak RSS', 'p50 latency']];
-    for (const x of r.ratios.filter((x) => Number.isFinite(x.acceptedPerSec.median))) rows.push([`\`${x.a}\` ÷ \`${x.b}\``, range(x.acceptedPerSec, f2), range(x.cpuMsPerMsg, f2), range(x.peakRss, f2), range(x.p50, f2)]);
+    const rows = [['a ÷ b', 'accepted msg/s', 'delivered msg/s', 'CPU ms/msg', 'peak RSS', 'p50 latency']];
+    for (const x of r.ratios.filter((x) => Number.isFinite(x.acceptedPerSec.median))) {
+      rows.push([`\`${x.a}\` ÷ \`${x.b}\``, range(x.acceptedPerSec, f2), range(x.deliveredPerSec, f2), range(x.cpuMsPerMsg, f2), range(x.peakRss, f2), range(x.p50, f2)]);
+    }
     out.push(mdTable(rows));
   }
   out.push(
