@@ -52,9 +52,9 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { Channels, createGateway, createQueue, QueueChannels, routes, smtp } from '../lib/index.js';
+import { Channels, QueueChannels } from '../lib/index.js';
+import { outboundGateway } from './outbound-gateway.js';
 import { requireBinary, startPostfix, type Postfix } from '../test/helpers/postfix.js';
-import { nullTransport } from './null-transport.js';
 import { fsType, machineCpuMs, mib, procCpuMs, stopChild, threadCpuMs, treeCpuMs, treeMemory } from './proc.js';
 import { startSink as startSinkProcess, type Sink } from './sink.js';
 import { intArg, spread, type Spread } from './stats.js';
@@ -79,17 +79,7 @@ async function gatewayChild(argv: string[]): Promise<void> {
     strict: true,
   });
   const send = (m: FromChild): void => void process.send?.(m);
-  const hostname = 'mx.dovetail.test';
-  const out = smtp({ relayhost: `[127.0.0.1]:${Number(values['sink-port'])}`, tls: 'none', hostname });
-  const table = routes({ '*': out });
-  const queue = createQueue({
-    dir: values['queue-dir']!,
-    transport: table,
-    hostname,
-    backoff: { min: 1000, max: 4000 },
-    scanInterval: 50,
-    concurrency: Number(values.concurrency),
-  });
+  const { gateway, transport: out } = outboundGateway({ sinkPort: Number(values['sink-port']), queueDir: values['queue-dir']!, concurrency: Number(values.concurrency) });
   // Counted, not printed: a deferral (backoff 1 s) or an error would distort the figures.
   let attempts = 0;
   let notDelivered = 0;
@@ -99,15 +89,6 @@ async function gatewayChild(argv: string[]): Promise<void> {
     for (const r of (m as { results: { status: string }[] }).results) if (r.status !== 'delivered') notDelivered++;
   });
   diagnostics_channel.subscribe(Channels.error, () => errors++);
-  const gateway = createGateway({
-    hostname,
-    listen: { host: '127.0.0.1', port: 0 },
-    resolveClientNames: false,
-    closeTimeout: 5_000,
-    delivery: table,
-    queue,
-    quarantine: nullTransport('quarantine'),
-  });
   const [addr] = await gateway.listen();
   process.on('disconnect', () => process.exit(1)); // the bench is gone: do not linger
   process.on('message', (m: ToChild) => {

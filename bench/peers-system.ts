@@ -34,10 +34,11 @@ import fs from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import nodemailer from 'nodemailer';
 import { SMTPServer } from 'smtp-server';
-import { createGateway, createQueue, defineMilter, lmtp, routes, serveMilter, smtp } from '../lib/index.js';
+import { createGateway, defineMilter, lmtp, serveMilter } from '../lib/index.js';
 import { mxMilters } from '../examples/mx-gateway.js';
 import { defaultChain } from '../examples/quickstart.js';
 import { nullTransport } from './null-transport.js';
+import { outboundGateway } from './outbound-gateway.js';
 
 export const SYSTEM_KINDS = ['smtp-server', 'smtp-server+lmtp', 'dovetail', 'dovetail+quickstart', 'dovetail+mx', 'dovetail-outbound', 'milter'] as const;
 export type SystemKind = (typeof SYSTEM_KINDS)[number];
@@ -136,18 +137,13 @@ async function main(): Promise<void> {
     let extra: () => Promise<void> = async () => undefined;
     let gateway: ReturnType<typeof createGateway>;
     if (kind === 'dovetail-outbound') {
-      // As bench/outbound.ts: everything through the durable queue to the sink.
-      const out = smtp({ relayhost: `[127.0.0.1]:${Number(values['sink-port'])}`, tls: 'none', hostname });
-      const table = routes({ '*': out });
-      const queue = createQueue({
-        dir: values['queue-dir'] ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-bench-q-'))),
-        transport: table,
-        hostname,
-        backoff: { min: 1000, max: 4000 },
-        scanInterval: 50,
+      // As bench/outbound.ts: everything through the durable queue to the sink (bench/outbound-gateway.ts).
+      gateway = outboundGateway({
+        sinkPort: Number(values['sink-port']),
+        queueDir: values['queue-dir'] ?? (await fs.mkdtemp(path.join(os.tmpdir(), 'dovetail-bench-q-'))),
         concurrency: Number(values.concurrency),
-      });
-      gateway = createGateway({ ...common, delivery: table, queue });
+        hostname,
+      }).gateway;
     } else {
       const delivery = lmtp({ host: '127.0.0.1', port: lmtpPort, lhloName: hostname });
       let milters: ReturnType<typeof defaultChain> = [];
