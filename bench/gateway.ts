@@ -26,8 +26,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance, type EventLoopUtilization } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
-import { Worker } from 'node:worker_threads';
-import type { OpenResult, Request, RunResult } from './load.js';
+import type { OpenResult, RunResult } from './load.js';
+import { Load } from './load-client.js';
 import { buildMessage, wireData } from './message.js';
 import { concat, intArg, percentile, spread, type Spread } from './stats.js';
 import { BASELINE, GATEWAY, TARGETS, startTarget, type Target, type TargetName } from './targets.js';
@@ -123,36 +123,6 @@ watchdog.unref();
 const log = (line: string): void => {
   if (!opts.json) process.stderr.write(line + '\n');
 };
-
-// ---------------------------------------------------------------- the worker
-
-class Load {
-  private next = 0;
-  private readonly waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
-  readonly worker: Worker;
-
-  constructor() {
-    this.worker = new Worker(new URL('./load.js', import.meta.url));
-    this.worker.on('message', (m: { id: number; ok: boolean; result?: unknown; error?: string }) => {
-      const w = this.waiting.get(m.id);
-      this.waiting.delete(m.id);
-      if (m.ok) w?.resolve(m.result);
-      else w?.reject(new Error(m.error));
-    });
-    this.worker.on('error', (err) => {
-      for (const w of this.waiting.values()) w.reject(err);
-      this.waiting.clear();
-    });
-  }
-
-  call<R>(req: Request): Promise<R> {
-    const id = this.next++;
-    return new Promise<R>((resolve, reject) => {
-      this.waiting.set(id, { resolve: resolve as (v: unknown) => void, reject });
-      this.worker.postMessage({ ...req, id });
-    });
-  }
-}
 
 // ---------------------------------------------------------------- measuring
 

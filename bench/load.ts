@@ -57,6 +57,8 @@ export interface RunResult {
 }
 export interface CloseRequest {
   readonly op: 'close';
+  /** Only this target's connections (default: all). */
+  readonly target?: string;
 }
 export type Request = OpenRequest | MessageRequest | RunRequest | CloseRequest;
 
@@ -195,9 +197,10 @@ async function run(req: RunRequest): Promise<RunResult> {
   return { latencies, elapsedMs, clientElu };
 }
 
-async function closeAll(): Promise<void> {
-  const all = [...pools.values()].flat();
-  pools.clear();
+async function closeAll(target?: string): Promise<void> {
+  const all = target === undefined ? [...pools.values()].flat() : (pools.get(target) ?? []);
+  if (target === undefined) pools.clear();
+  else pools.delete(target);
   await Promise.all(
     all.map(
       (c) =>
@@ -226,7 +229,7 @@ async function handle(req: Request): Promise<unknown> {
     case 'run':
       return run(req);
     case 'close':
-      return closeAll();
+      return closeAll(req.target);
   }
 }
 

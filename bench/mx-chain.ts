@@ -45,7 +45,7 @@ export interface MxChainFixture {
 }
 
 /** Drops every DKIM-Signature field (with its folded lines) from a message's header block. */
-function withoutDkimSignatures(message: Buffer): Buffer {
+export function withoutDkimSignatures(message: Buffer): Buffer {
   const text = message.toString('latin1');
   const end = text.indexOf('\r\n\r\n');
   const head = text.slice(0, end + 2);

@@ -42,7 +42,7 @@
  * starts (sinks, Postfix, the gateway child) is stopped at the end, on error, on SIGINT or
  * SIGTERM, and by the watchdog (`--timeout`, seconds). It does not tune the machine.
  */
-import { fork, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { fork, spawn, spawnSync } from 'node:child_process';
 import diagnostics_channel from 'node:diagnostics_channel';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
@@ -52,10 +52,11 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { Channels, createGateway, createQueue, QueueChannels, routes, smtp } from '../lib/index.js';
+import { Channels, QueueChannels } from '../lib/index.js';
+import { outboundGateway } from './outbound-gateway.js';
 import { requireBinary, startPostfix, type Postfix } from '../test/helpers/postfix.js';
-import { freePort, waitForPort } from '../test/helpers/ports.js';
-import { nullTransport } from './null-transport.js';
+import { fsType, machineCpuMs, mib, procCpuMs, stopChild, threadCpuMs, treeCpuMs, treeMemory } from './proc.js';
+import { startSink as startSinkProcess, type Sink } from './sink.js';
 import { intArg, spread, type Spread } from './stats.js';
 
 const SENDER = 'a@example.test';
@@ -78,17 +79,7 @@ async function gatewayChild(argv: string[]): Promise<void> {
     strict: true,
   });
   const send = (m: FromChild): void => void process.send?.(m);
-  const hostname = 'mx.dovetail.test';
-  const out = smtp({ relayhost: `[127.0.0.1]:${Number(values['sink-port'])}`, tls: 'none', hostname });
-  const table = routes({ '*': out });
-  const queue = createQueue({
-    dir: values['queue-dir']!,
-    transport: table,
-    hostname,
-    backoff: { min: 1000, max: 4000 },
-    scanInterval: 50,
-    concurrency: Number(values.concurrency),
-  });
+  const { gateway, transport: out } = outboundGateway({ sinkPort: Number(values['sink-port']), queueDir: values['queue-dir']!, concurrency: Number(values.concurrency) });
   // Counted, not printed: a deferral (backoff 1 s) or an error would distort the figures.
   let attempts = 0;
   let notDelivered = 0;
@@ -98,15 +89,6 @@ async function gatewayChild(argv: string[]): Promise<void> {
     for (const r of (m as { results: { status: string }[] }).results) if (r.status !== 'delivered') notDelivered++;
   });
   diagnostics_channel.subscribe(Channels.error, () => errors++);
-  const gateway = createGateway({
-    hostname,
-    listen: { host: '127.0.0.1', port: 0 },
-    resolveClientNames: false,
-    closeTimeout: 5_000,
-    delivery: table,
-    queue,
-    quarantine: nullTransport('quarantine'),
-  });
   const [addr] = await gateway.listen();
   process.on('disconnect', () => process.exit(1)); // the bench is gone: do not linger
   process.on('message', (m: ToChild) => {
@@ -258,11 +240,8 @@ async function benchMain(): Promise<void> {
   // ---------------------------------------------------------------- facts
 
   const smtpSource = requireBinary('smtp-source', 'Debian package "postfix" (3.7)');
-  const smtpSink = requireBinary('smtp-sink', 'Debian package "postfix" (3.7)');
+  requireBinary('smtp-sink', 'Debian package "postfix" (3.7)');
   if (process.getuid?.() !== 0) throw new Error('bench/outbound needs root (Postfix in a private directory, smtp-sink -u postfix)');
-  const getconf = (name: string, dflt: number): number => Number(spawnSync('getconf', [name], { encoding: 'utf8' }).stdout?.trim()) || dflt;
-  const CLK_TCK = getconf('CLK_TCK', 100);
-  const PAGE = getconf('PAGESIZE', 4096);
   const postfixVersion = spawnSync('postconf', ['-dh', 'mail_version'], { encoding: 'utf8' }).stdout?.trim() || 'unknown';
   const machine = {
     cpus: os.availableParallelism(),
@@ -274,196 +253,12 @@ async function benchMain(): Promise<void> {
     tmp: `${os.tmpdir()} (${fsType(os.tmpdir())})`,
   };
 
-  // ---------------------------------------------------------------- /proc
+  // ---------------------------------------------------------------- the sink (bench/sink.ts), tracked
 
-  interface Proc {
-    readonly pid: number;
-    readonly ppid: number;
-    /** utime + cutime and stime + cstime, clock ticks. */
-    readonly user: number;
-    readonly sys: number;
-  }
-  const readProc = (pid: number): Proc | undefined => {
-    try {
-      const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-      const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
-      // After "(comm) ": state ppid … utime(11) stime(12) cutime(13) cstime(14).
-      return { pid, ppid: Number(f[1]), user: Number(f[11]) + Number(f[13]), sys: Number(f[12]) + Number(f[14]) };
-    } catch {
-      return undefined;
-    }
-  };
-  /**
-   * The root and all its descendants now. A child that exited was reaped by its parent (Postfix's
-   * master waits for its children), so its CPU is in the parent's cutime/cstime: summing
-   * utime+stime+cutime+cstime over the live tree counts every process once.
-   */
-  const tree = (root: number): Proc[] => {
-    const kids = new Map<number, Proc[]>();
-    let rootProc: Proc | undefined;
-    for (const name of fs.readdirSync('/proc')) {
-      if (!/^\d+$/.test(name)) continue;
-      const p = readProc(Number(name));
-      if (!p) continue;
-      if (p.pid === root) rootProc = p;
-      const list = kids.get(p.ppid);
-      if (list) list.push(p);
-      else kids.set(p.ppid, [p]);
-    }
-    if (!rootProc) return [];
-    const out: Proc[] = [rootProc];
-    for (let i = 0; i < out.length; i++) out.push(...(kids.get(out[i]!.pid) ?? []));
-    return out;
-  };
-  /** CPU of the tree so far, ms: user and system (kernel) time. */
-  const treeCpuMs = (root: number): { user: number; sys: number } => {
-    let user = 0;
-    let sys = 0;
-    for (const p of tree(root)) {
-      user += p.user;
-      sys += p.sys;
-    }
-    return { user: (user * 1000) / CLK_TCK, sys: (sys * 1000) / CLK_TCK };
-  };
-  /** CPU so far of every thread of the tree, ms by thread id (to find the busiest one). */
-  const threadCpuMs = (root: number): Map<number, number> => {
-    const out = new Map<number, number>();
-    for (const p of tree(root)) {
-      let tids: string[];
-      try {
-        tids = fs.readdirSync(`/proc/${p.pid}/task`);
-      } catch {
-        continue;
-      }
-      for (const tid of tids) {
-        try {
-          const f = fs.readFileSync(`/proc/${p.pid}/task/${tid}/stat`, 'utf8');
-          const x = f.slice(f.lastIndexOf(')') + 2).split(' ');
-          out.set(Number(tid), ((Number(x[11]) + Number(x[12])) * 1000) / CLK_TCK);
-        } catch {
-          /* exited */
-        }
-      }
-    }
-    return out;
-  };
-
-  /**
-   * Machine-wide CPU so far (/proc/stat), ms: busy (user, nice, system, irq, softirq) and
-   * steal (time the hypervisor gave to someone else). With the CPU of everything the bench
-   * runs, this shows how much of a round went to processes that are not part of it.
-   */
-  const machineCpuMs = (): { busy: number; steal: number } => {
-    const f = fs.readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
-    const [user = 0, nice = 0, system = 0, , , irq = 0, softirq = 0, steal = 0] = f;
-    return { busy: ((user + nice + system + irq + softirq) * 1000) / CLK_TCK, steal: (steal * 1000) / CLK_TCK };
-  };
-  /** CPU of a single process (with its reaped children), ms. */
-  const procCpuMs = (pid: number): number => {
-    const p = readProc(pid);
-    return p ? ((p.user + p.sys) * 1000) / CLK_TCK : 0;
-  };
-
-  /**
-   * The tree's summed RSS (/proc/<pid>/statm: every process counts the shared libraries and
-   * shared memory it maps) and, when asked, its summed PSS (/proc/<pid>/smaps_rollup: shared
-   * pages divided among the processes sharing them, so the sum is what the tree costs), bytes.
-   */
-  const treeMemory = (root: number, withPss: boolean): { rss: number; pss: number; procs: number } => {
-    let rss = 0;
-    let pss = 0;
-    const procs = tree(root);
-    for (const p of procs) {
-      try {
-        rss += Number(fs.readFileSync(`/proc/${p.pid}/statm`, 'utf8').split(' ')[1]) * PAGE;
-        if (withPss) pss += Number(/^Pss:\s+(\d+) kB/m.exec(fs.readFileSync(`/proc/${p.pid}/smaps_rollup`, 'utf8'))?.[1] ?? 0) * 1024;
-      } catch {
-        /* exited */
-      }
-    }
-    return { rss, pss, procs: procs.length };
-  };
-
-  // ---------------------------------------------------------------- the sink
-
-  interface Sink {
-    readonly port: number;
-    readonly pid: number;
-    /** Messages received so far (smtp-sink's `mesg=` counter). */
-    messages(): number;
-    /** Sessions ended so far (`sess=`). */
-    sessions(): number;
-    /** Resolves with performance.now() once `count` messages were received. */
-    waitFor(count: number, timeoutMs: number): Promise<number>;
-    stop(): Promise<void>;
-  }
   async function startSink(name: string): Promise<Sink> {
-    const port = await freePort();
-    const child = spawn(smtpSink, ['-c', '-u', 'postfix', '-h', `sink.${name}.test`, `127.0.0.1:${port}`, '1000'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let mesg = 0;
-    let sess = 0;
-    let tail = '';
-    let stderr = '';
-    const waiters: { count: number; resolve: (t: number) => void }[] = [];
-    child.stdout!.setEncoding('latin1');
-    child.stdout!.on('data', (d: string) => {
-      const now = performance.now();
-      // `sess=N quit=N mesg=N\r` per update; keep the last complete one.
-      const text = tail + d;
-      const cut = text.lastIndexOf('\r');
-      tail = text.slice(cut + 1);
-      const m = /sess=(\d+) quit=\d+ mesg=(\d+)\s*$/.exec(text.slice(0, cut + 1));
-      if (!m) return;
-      sess = Number(m[1]);
-      mesg = Number(m[2]);
-      for (let i = waiters.length - 1; i >= 0; i--) {
-        if (mesg >= waiters[i]!.count) waiters.splice(i, 1)[0]!.resolve(now);
-      }
-    });
-    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-    const pid = child.pid!;
-    track({ name: `smtp-sink (${name})`, kind: 'sink', stop: () => stopChild(child, 'SIGTERM'), kill: () => process.kill(pid, 'SIGKILL') });
-    await waitForPort(port, 10_000, child, `smtp-sink for ${name}`, async () => stderr);
-    return {
-      port,
-      pid,
-      messages: () => mesg,
-      sessions: () => sess,
-      waitFor(count, timeoutMs) {
-        if (mesg >= count) return Promise.resolve(performance.now());
-        return new Promise((resolve, reject) => {
-          const w = {
-            count,
-            resolve: (t: number) => {
-              clearTimeout(timer);
-              resolve(t);
-            },
-          };
-          const timer = setTimeout(() => {
-            waiters.splice(waiters.indexOf(w), 1);
-            reject(new Error(`sink for ${name}: ${mesg} of ${count} messages after ${timeoutMs} ms`));
-          }, timeoutMs);
-          waiters.push(w);
-        });
-      },
-      stop: () => stopChild(child, 'SIGTERM'),
-    };
-  }
-
-  /**
-   * Waits up to `graceMs` for a child we started to exit by itself, then signals it (by its
-   * pid) and waits for it to exit; SIGKILL after 5 s more.
-   */
-  async function stopChild(child: ChildProcess, signal: NodeJS.Signals, graceMs = 0): Promise<void> {
-    const gone = (): boolean => child.exitCode !== null || child.signalCode !== null;
-    if (gone()) return;
-    const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-    if (graceMs > 0) await Promise.race([exited, sleep(graceMs)]);
-    if (gone()) return;
-    child.kill(signal);
-    const t = setTimeout(() => child.kill('SIGKILL'), 5_000);
-    await exited;
-    clearTimeout(t);
+    const sink = await startSinkProcess({ name });
+    track({ name: `smtp-sink (${name})`, kind: 'sink', stop: () => sink.stop(), kill: () => sink.kill() });
+    return sink;
   }
 
   // ---------------------------------------------------------------- the systems
@@ -874,26 +669,4 @@ async function benchMain(): Promise<void> {
     `\naccepted: messages ÷ time until smtp-source had a 250 for every one (greetings included: each session connects once); delivered: messages ÷ time until the sink had them all;\n` +
       `CPU: utime+stime (+ reaped children) of the whole process tree from the start of the round until its queue was empty, ÷ messages; PSS / RSS: peak over the measured rounds of the tree's summed PSS (sampled every 500 ms; shared pages divided among the processes) and summed RSS (every 100 ms; shared pages counted once per process).\n`,
   );
-}
-
-// ---------------------------------------------------------------- helpers
-
-function mib(bytes: number): number {
-  return Math.round((bytes / 1024 / 1024) * 10) / 10;
-}
-
-/** The file system type holding `dir` (Linux /proc/mounts; `unknown` elsewhere). */
-function fsType(dir: string): string {
-  try {
-    const real = fs.realpathSync(dir);
-    let best = { mount: '', type: 'unknown' };
-    for (const line of fs.readFileSync('/proc/mounts', 'utf8').split('\n')) {
-      const [, mount, type] = line.split(' ');
-      if (!mount || !type) continue;
-      if ((real === mount || real.startsWith(mount.endsWith('/') ? mount : mount + '/')) && mount.length >= best.mount.length) best = { mount, type };
-    }
-    return best.type;
-  } catch {
-    return 'unknown';
-  }
 }
