@@ -192,6 +192,8 @@ export function aliases(options: AliasesOptions): AliasesMilter {
   const expand = (address: string): string[] => expandAddress(address, lookup, limits);
 
   const milter = defineMilter({
+    // Its eom rewrites recipients only: served to Postfix, no header or body is sent to it.
+    needs: { headers: false, body: false },
     name: 'aliases',
     async rcpt(_ctx: MessageContext, rcpt: EnvelopeAddress) {
       if (lookup(rcpt.address) === undefined) return undefined;

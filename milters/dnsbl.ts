@@ -366,6 +366,8 @@ export function dnsbl(options: DnsblOptions = {}): Milter {
   }
 
   return defineMilter({
+    // Its eom replaces its own result header and never reads the body.
+    needs: { body: false },
     name,
     ...(options.defaultAction ? { defaultAction: options.defaultAction } : {}),
     ...(options.timeouts ? { timeouts: options.timeouts } : {}),

@@ -192,6 +192,8 @@ export function masquerade(options: MasqueradeOptions): MasqueradeMilter {
   const masqueradeHeader = (value: string): string => rewriteHeaderAddresses(value, rewriteDomain);
 
   const milter = defineMilter({
+    // Its eom rewrites headers and never reads the body.
+    needs: { body: false },
     name: 'masquerade',
     async eom(ctx: EomContext) {
       const sender = ctx.envelope.sender;

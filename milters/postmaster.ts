@@ -102,6 +102,8 @@ export function postmaster(options: PostmasterOptions): PostmasterMilter {
   };
 
   const milter = defineMilter({
+    // Its eom rewrites recipients only: served to Postfix, no header or body is sent to it.
+    needs: { headers: false, body: false },
     name: 'postmaster',
     async eom(ctx: EomContext) {
       const roles = ctx.envelope.recipients.filter((r) => has(r.address));

@@ -156,6 +156,8 @@ export function spamTag(options: SpamTagOptions = {}): Milter {
   const protectRoles = options.neverRejectRoleRecipients ?? true;
 
   return defineMilter({
+    // Its eom reads and writes headers, never the body.
+    needs: { body: false },
     name: 'spam-tag',
     async eom(ctx: EomContext) {
       const headers = ctx.headers;

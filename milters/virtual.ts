@@ -181,6 +181,8 @@ export function virtual(options: VirtualOptions): VirtualMilter {
   const expand = (address: string): string[] => expandAddress(address, lookup, limits);
 
   const milter = defineMilter({
+    // Its eom rewrites recipients only: served to Postfix, no header or body is sent to it.
+    needs: { headers: false, body: false },
     name: 'virtual',
     async rcpt(_ctx: MessageContext, rcpt: EnvelopeAddress) {
       if (lookup(rcpt.address) === undefined) {
