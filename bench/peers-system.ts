@@ -16,6 +16,9 @@
  *   examples/mx-gateway.ts with their DNS asked of --dns (the bench's loopback DNS server).
  * - `dovetail-outbound`: the gateway with the durable queue relaying everything through
  *   `smtp()` to --sink-port (bench/outbound.ts's configuration).
+ * - `dovetail+quickstart-workers`: the quick start's chain as `dovetail+quickstart`, run as
+ *   one worker per core (startWorkerPool, node:cluster: the workers share the port; this
+ *   process is the primary). `--workers N` sets how many (default: the CPU count).
  * - `milter`: serveMilter() of a filter that continues at RCPT and adds one header at eom
  *   (the same callbacks as the libmilter one, test/fixtures/libmilter/reference.py minimal).
  *
@@ -34,13 +37,16 @@ import fs from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import nodemailer from 'nodemailer';
 import { SMTPServer } from 'smtp-server';
-import { createGateway, defineMilter, lmtp, serveMilter } from '../lib/index.js';
+import cluster from 'node:cluster';
+import { createServer } from 'node:net';
+import { availableParallelism } from 'node:os';
+import { createGateway, defineMilter, lmtp, serveMilter, startWorkerPool, workerChannel } from '../lib/index.js';
 import { mxMilters } from '../examples/mx-gateway.js';
 import { defaultChain } from '../examples/quickstart.js';
 import { nullTransport } from './null-transport.js';
 import { outboundGateway } from './outbound-gateway.js';
 
-export const SYSTEM_KINDS = ['smtp-server', 'smtp-server+lmtp', 'dovetail', 'dovetail+quickstart', 'dovetail+mx', 'dovetail-outbound', 'milter'] as const;
+export const SYSTEM_KINDS = ['smtp-server', 'smtp-server+lmtp', 'dovetail', 'dovetail+quickstart', 'dovetail+quickstart-workers', 'dovetail+mx', 'dovetail-outbound', 'milter'] as const;
 export type SystemKind = (typeof SYSTEM_KINDS)[number];
 
 type FromChild = { readonly type: 'listening'; readonly port: number } | { readonly type: 'closed' };
@@ -69,9 +75,28 @@ async function main(): Promise<void> {
       'queue-dir': { type: 'string' },
       concurrency: { type: 'string', default: '20' },
       large: { type: 'boolean', default: false },
+      workers: { type: 'string' },
     },
     strict: true,
   });
+  if (kind === 'dovetail+quickstart-workers' && cluster.isWorker) {
+    // A worker: the quick-start gateway on the port the primary chose; it drains when told.
+    const channel = workerChannel();
+    const delivery = lmtp({ host: '127.0.0.1', port: Number(values['lmtp-port']), lhloName: 'mx.dovetail.test' });
+    const gateway = createGateway({
+      hostname: 'mx.dovetail.test',
+      listen: { host: '127.0.0.1', port: Number(process.env['BENCH_WORKERS_PORT']) },
+      resolveClientNames: false,
+      closeTimeout: 5_000,
+      quarantine: nullTransport('null-quarantine'),
+      milters: defaultChain(),
+      delivery,
+    });
+    await gateway.listen();
+    channel.onDrain(() => gateway.close({ sessions: 5_000 }));
+    channel.ready();
+    return;
+  }
   process.on('disconnect', () => process.exit(1)); // the bench is gone: do not linger
   const hostname = 'mx.dovetail.test';
   const lmtpPort = Number(values['lmtp-port']);
@@ -114,6 +139,15 @@ async function main(): Promise<void> {
       await new Promise<void>((resolve) => server.close(() => resolve()));
       pool?.close();
     };
+  } else if (kind === 'dovetail+quickstart-workers') {
+    // The primary: pick a port, fork the workers onto it, wait until each listens.
+    const probe = createServer();
+    await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
+    port = (probe.address() as net.AddressInfo).port;
+    await new Promise<void>((resolve) => probe.close(() => resolve()));
+    const pool = startWorkerPool({ workers: values.workers ? Number(values.workers) : availableParallelism(), env: { BENCH_WORKERS_PORT: String(port) }, drainTimeout: 10_000 });
+    await pool.ready();
+    close = () => pool.close();
   } else if (kind === 'milter') {
     const filter = defineMilter({
       name: 'bench-add-header',

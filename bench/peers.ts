@@ -9,7 +9,8 @@
  * Targets (`--only a,b` picks some; docs/benchmarks.md describes each):
  * - inbound, delivering over LMTP into a fresh `smtp-sink -L`: `smtp-server` (drains DATA,
  *   no delivery), `smtp-server+lmtp`, `dovetail`, `dovetail+quickstart`, `dovetail+mx` (the
- *   five bundled milters, message not DKIM-signed), `dovetail+mx-dkim` (the same, message
+ *   five bundled milters, message not DKIM-signed), `dovetail+quickstart-workers` (the quick
+ *   start's chain as one worker process per core), `dovetail+mx-dkim` (the same, message
  *   signed with a key published on the bench's loopback DNS server, so mailAuth verifies
  *   it), `haraka` (Haraka 3.3.4 from bench/haraka: rcpt_to.in_host_list + queue/lmtp),
  *   `postfix` (smtpd → queue → lmtp).
@@ -78,6 +79,7 @@ export const TARGET_NAMES = [
   'smtp-server+lmtp',
   'dovetail',
   'dovetail+quickstart',
+  'dovetail+quickstart-workers',
   'dovetail+mx',
   'dovetail+mx-dkim',
   'haraka',
@@ -106,6 +108,7 @@ const TARGETS: Record<TargetName, TargetDef> = {
   'smtp-server+lmtp': { group: 'inbound', message: 'plain', description: 'smtp-server + nodemailer LMTP pool (pool: true, lmtp: true), hand-wired, 250 after the LMTP 250' },
   dovetail: { group: 'inbound', message: 'plain', description: 'createGateway(), no milters, lmtp() to the sink' },
   'dovetail+quickstart': { group: 'inbound', message: 'plain', description: "the quick start's chain (sizeLimit, relayControl, stamp, spamTag), lmtp()" },
+  'dovetail+quickstart-workers': { group: 'inbound', message: 'plain', description: 'the same chain, one worker process per core (startWorkerPool; node:cluster shares the port)' },
   'dovetail+mx': { group: 'inbound', message: 'unsigned', description: 'the five bundled milters (examples/mx-gateway.ts), DNS on loopback, message not DKIM-signed, lmtp()' },
   'dovetail+mx-dkim': { group: 'inbound', message: 'signed', description: 'the same, message DKIM-signed (rsa-2048, key in the loopback DNS): mailAuth verifies it' },
   haraka: { group: 'inbound', message: 'plain', description: 'Haraka (one process): rcpt_to.in_host_list + queue/lmtp (its outbound queue, on disk)' },
@@ -128,6 +131,7 @@ const PAIRS: readonly (readonly [TargetName, TargetName])[] = [
   ['dovetail', 'postfix'],
   ['dovetail+quickstart', 'haraka'],
   ['dovetail+quickstart', 'postfix'],
+  ['dovetail+quickstart-workers', 'dovetail+quickstart'],
   ['dovetail+mx', 'postfix'],
   ['dovetail+mx-dkim', 'dovetail+mx'],
   ['dovetail>dovecot', 'postfix>dovecot'],
@@ -590,6 +594,7 @@ export async function runPeers(): Promise<void> {
       case 'smtp-server+lmtp':
       case 'dovetail':
       case 'dovetail+quickstart':
+      case 'dovetail+quickstart-workers':
         return nodeSystem(name, name, await sinkFor(name, true));
       case 'dovetail+mx':
       case 'dovetail+mx-dkim':
