@@ -42,6 +42,7 @@
  * starts (sinks, Postfix, the gateway child) is stopped at the end, on error, on SIGINT or
  * SIGTERM, and by the watchdog (`--timeout`, seconds). It does not tune the machine.
  */
+import { lifecycle } from './lifecycle.js';
 import { fork, spawn, spawnSync } from 'node:child_process';
 import diagnostics_channel from 'node:diagnostics_channel';
 import fs from 'node:fs';
@@ -176,66 +177,7 @@ async function benchMain(): Promise<void> {
 
   // ---------------------------------------------------------------- cleanup, whatever happens
 
-  /**
-   * Things started, newest last. An entry leaves the list only once it is stopped, so that
-   * whatever is still there at exit (a stop cut short) gets `kill`, the synchronous last
-   * resort. Stopping is shared: the run's own cleanup and a signal's wait on the same promise.
-   */
-  interface Started {
-    readonly name: string;
-    readonly kind: 'sink' | 'system' | 'client';
-    stop(): Promise<void>;
-    kill(): void;
-    stopping?: Promise<void>;
-  }
-  const started: Started[] = [];
-  const track = (s: Started): Started => {
-    started.push(s);
-    return s;
-  };
-  const forget = (s: Started): void => {
-    const i = started.indexOf(s);
-    if (i >= 0) started.splice(i, 1);
-  };
-  const stopOne = (s: Started): Promise<void> =>
-    (s.stopping ??= s
-      .stop()
-      .catch((err: unknown) => {
-        process.stderr.write(`bench: stopping ${s.name}: ${err instanceof Error ? err.message : String(err)}; killing it\n`);
-        try {
-          s.kill();
-        } catch {
-          /* already gone */
-        }
-      })
-      .finally(() => forget(s)));
-  /** Stops, newest first, everything started (of the given kinds). */
-  const stopAll = async (kinds: readonly Started['kind'][] = ['client', 'system', 'sink']): Promise<void> => {
-    for (const s of [...started].reverse()) if (kinds.includes(s.kind)) await stopOne(s);
-  };
-  process.on('exit', () => {
-    for (const s of [...started].reverse()) {
-      try {
-        s.kill();
-      } catch {
-        /* already gone */
-      }
-    }
-  });
-  let stopping = false;
-  const bail = (why: string, code: number): void => {
-    if (stopping) return;
-    stopping = true;
-    process.stderr.write(`bench: ${why}; stopping everything\n`);
-    // Postfix takes up to ~10 s to stop, the gateway up to its closeTimeout (5 s); then the exit handler kills.
-    const hard = setTimeout(() => process.exit(code), 30_000);
-    hard.unref();
-    void stopAll().finally(() => process.exit(code));
-  };
-  process.once('SIGINT', () => bail('SIGINT', 130));
-  process.once('SIGTERM', () => bail('SIGTERM', 143));
-  const watchdog = setTimeout(() => bail(`watchdog: not done after ${opts.timeoutS} s`, 2), opts.timeoutS * 1000);
-  watchdog.unref();
+  const { track, forget, stopAll, stopping, remaining, done } = lifecycle<'sink' | 'system' | 'client'>((line) => void process.stderr.write(`${line}\n`), opts.timeoutS);
 
   // ---------------------------------------------------------------- facts
 
@@ -439,7 +381,7 @@ async function benchMain(): Promise<void> {
   /** Runs smtp-source against the system; resolves with performance.now() at its exit (status 0). */
   function runSource(port: number, timeoutMs: number): Promise<number> {
     return new Promise((resolve, reject) => {
-      if (stopping) return reject(new Error('stopping'));
+      if (stopping()) return reject(new Error('stopping'));
       const child = spawn(
         smtpSource,
         ['-s', String(opts.sessions), '-m', String(opts.messages), '-l', String(opts.size), '-d', '-M', 'client.bench.test', '-f', SENDER, '-t', RECIPIENT, `127.0.0.1:${port}`],
@@ -595,9 +537,9 @@ async function benchMain(): Promise<void> {
     await sleep(300);
     for (const s of systems) sinkSessions[s.name] = { sessions: s.sink.sessions(), messages: s.sink.messages() };
     await stopAll();
-    if (!failed && started.length) failed = new Error(`could not stop ${started.map((s) => s.name).join(', ')}`);
+    if (!failed && remaining().length) failed = new Error(`could not stop ${remaining().map((s) => s.name).join(', ')}`);
   }
-  clearTimeout(watchdog);
+  done();
   if (failed) {
     process.stderr.write(`bench failed: ${failed instanceof Error ? (failed.stack ?? failed.message) : String(failed)}\n`);
     process.exitCode = 1;

@@ -64,6 +64,7 @@ import { buildMessage, wireData } from './message.js';
 import { startMxChainFixture, withoutDkimSignatures, type MxChainFixture } from './mx-chain.js';
 import type { SystemKind } from './peers-system.js';
 import { bytesRead, fsType, mib, peakRss, stopChild, treeCpuMs, treeMemory, machineCpuMs, procCpuMs } from './proc.js';
+import { lifecycle } from './lifecycle.js';
 import { startSink, type Sink } from './sink.js';
 import { concat, intArg, percentile, spread, type Spread } from './stats.js';
 
@@ -234,13 +235,6 @@ interface System {
 }
 
 /** Things started, newest last; stopped newest first. An entry leaves once stopped. */
-interface Started {
-  readonly name: string;
-  stop(): Promise<void>;
-  kill(): void;
-  stopping?: Promise<void>;
-}
-
 async function countFiles(dir: string): Promise<number> {
   let n = 0;
   let entries: fs.Dirent[];
@@ -328,47 +322,7 @@ export async function runPeers(): Promise<void> {
 
   // ---------------------------------------------------------------- cleanup, whatever happens
 
-  const started: Started[] = [];
-  const track = (s: Started): Started => (started.push(s), s);
-  const forget = (s: Started): void => {
-    const i = started.indexOf(s);
-    if (i >= 0) started.splice(i, 1);
-  };
-  const stopOne = (s: Started): Promise<void> =>
-    (s.stopping ??= s
-      .stop()
-      .catch((err: unknown) => {
-        log(`bench: stopping ${s.name}: ${err instanceof Error ? err.message : String(err)}; killing it`);
-        try {
-          s.kill();
-        } catch {
-          /* gone */
-        }
-      })
-      .finally(() => forget(s)));
-  const stopAll = async (): Promise<void> => {
-    for (const s of [...started].reverse()) await stopOne(s);
-  };
-  process.on('exit', () => {
-    for (const s of [...started].reverse()) {
-      try {
-        s.kill();
-      } catch {
-        /* gone */
-      }
-    }
-  });
-  let stopping = false;
-  const bail = (why: string, code: number): void => {
-    if (stopping) return;
-    stopping = true;
-    log(`bench: ${why}; stopping everything`);
-    setTimeout(() => process.exit(code), 30_000).unref();
-    void stopAll().finally(() => process.exit(code));
-  };
-  process.once('SIGINT', () => bail('SIGINT', 130));
-  process.once('SIGTERM', () => bail('SIGTERM', 143));
-  setTimeout(() => bail(`watchdog: not done after ${opts.timeoutS} s`, 2), opts.timeoutS * 1000).unref();
+  const { track, forget, stopOne, stopAll, stopping, remaining } = lifecycle(log, opts.timeoutS);
 
   // ---------------------------------------------------------------- facts
 
@@ -737,7 +691,7 @@ export async function runPeers(): Promise<void> {
       const order = active.map((_, i) => active[(i + r) % active.length]!);
       const line: string[] = [];
       for (const [i, s] of order.entries()) {
-        if (stopping) throw new Error('stopping');
+        if (stopping()) throw new Error('stopping');
         progress(`${tag} · ${s.name} (${i + 1}/${order.length}) · ${line.slice(-2).join(' · ')}`);
         let x: Sample;
         try {
@@ -748,7 +702,7 @@ export async function runPeers(): Promise<void> {
           failures.set(s.name, why);
           line.push(`${s.name} FAILED`);
           log(`  ${s.name} failed: ${why}; left out from now on`);
-          const entry = started.find((e) => e.name === s.name);
+          const entry = remaining().find((e) => e.name === s.name);
           if (entry) await stopOne(entry);
           continue;
         }
