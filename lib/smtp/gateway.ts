@@ -44,7 +44,7 @@ import { adoptConnection, isReplyError, replyError, type ConnectionOptions } fro
 import { DovetailError, ErrorCodes, isNoStorage } from '../errors.js';
 import { channels, type CloseEvent } from '../diagnostics.js';
 import { ChainSession, MilterChain, type MessageRun, type SessionFacts, type StageOutcome } from '../milter/chain.js';
-import { formatHeader, MessageState, spoolBody, type StoredHeader } from '../milter/message.js';
+import type { MessageState } from '../milter/message.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
 import type { Milter } from '../milter/types.js';
 import { maildir } from '../delivery/maildir.js';
@@ -56,8 +56,9 @@ import { GatewayConnection, sessionEnd } from './connection.js';
 import { TransactionRecord, type TransactionSession } from './transaction.js';
 import { ingest, type IngestProblem } from './ingest.js';
 import { validateOptions, type CloseOptions, type Gateway, type GatewayOptions, type ListenOptions } from './options.js';
-import { newQueueId, receivedValue } from './received.js';
-import { cipherBits, MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress, utf8Protocol } from './session.js';
+import { newQueueId } from './received.js';
+import { contentState, hopCount } from './content.js';
+import { cipherBits, MESSAGE_MACROS, sessionFacts, tlsInfo, toEnvelopeAddress } from './session.js';
 import { domainOf } from '../delivery/domains.js';
 import { networkList } from '../networks.js';
 import { ProxyHeaderDecoder, type ProxyHeader } from './proxy.js';
@@ -451,9 +452,7 @@ export function createGateway(options: GatewayOptions): Gateway {
         throw replyError(dataReply);
       }
       // RFC 5321 6.3: a message that went round too often is a loop (Postfix counts Received: and Delivered-To:).
-      let hops = 0;
-      for (const h of got.headers) if (/^(received|delivered-to)$/i.test(h.name)) hops++;
-      if (hops > maxHops) {
+      if (hopCount(got.headers) > maxHops) {
         await run.abort();
         throw replyError(REPLIES.tooManyHops);
       }
@@ -461,27 +460,9 @@ export function createGateway(options: GatewayOptions): Gateway {
         run.finish();
         return `Ok: queued as ${run.queueId}`;
       }
-      const received: StoredHeader = formatHeader(
-        'Received',
-        receivedValue({
-          helo: gs.facts.helo,
-          clientHostname: gs.facts.client.hostname,
-          clientAddress: gs.facts.client.address,
-          hostname,
-          // RFC 6531 3.7.3: UTF8SMTP(S)(A) when the client asked for SMTPUTF8.
-          // RFC 3848: ESMTPS when the client's TLS ended at a trusted proxy too.
-          protocol: utf8Protocol(gs.proxiedTls ? (session.transmissionType || 'ESMTP').replace(/^(E?SMTP)(?!S)/, '$1S') : session.transmissionType || 'ESMTP', run.sender),
-          queueId: run.queueId,
-          tls: gs.facts.tls,
-          recipients: run.recipients.map((r) => r.address),
-        }),
-      );
-      state = new MessageState({
-        headers: [received, ...got.headers],
-        body: spoolBody(got.spool, got.bodyOffset),
-        sender: run.sender,
-        recipients: [...run.recipients],
-      });
+      // RFC 3848: ESMTPS when the client's TLS ended at a trusted proxy too.
+      const protocol = gs.proxiedTls ? (session.transmissionType || 'ESMTP').replace(/^(E?SMTP)(?!S)/, '$1S') : session.transmissionType || 'ESMTP';
+      state = contentState(got, run, gs.facts, hostname, protocol);
       const contentReply = refusal(await run.content(state));
       if (contentReply) {
         await run.abort();

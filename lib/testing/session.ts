@@ -24,7 +24,7 @@ import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { DovetailError, ErrorCodes } from '../errors.js';
 import { MilterChain, type ChainSession, type MessageRun, type SessionFacts, type StageOutcome } from '../milter/chain.js';
-import { checkAddress, formatHeader, MessageState, spoolBody, type MessageEdit, type StoredHeader } from '../milter/message.js';
+import { checkAddress, MessageState, type MessageEdit } from '../milter/message.js';
 import type { Stage } from '../milter/stages.js';
 import type { AuthInfo, EnvelopeAddress, HeaderField, Milter, MilterTimeouts, ScoreEntry, TlsInfo } from '../milter/types.js';
 import { smtpReply, type SmtpReply } from '../milter/verdict.js';
@@ -32,8 +32,9 @@ import { connectMilter } from '../milter/protocol/client.js';
 import type { SpoolOptions } from '../message/spool.js';
 import { domainOf } from '../delivery/domains.js';
 import { ingest } from '../smtp/ingest.js';
-import { newQueueId, receivedValue } from '../smtp/received.js';
-import { MESSAGE_MACROS, sessionFacts, utf8Protocol } from '../smtp/session.js';
+import { newQueueId } from '../smtp/received.js';
+import { contentState, hopCount } from '../smtp/content.js';
+import { MESSAGE_MACROS, sessionFacts } from '../smtp/session.js';
 import type { SMTPServerSession } from 'smtp-server';
 import { recordingMilter, summarizeEdits, type EditSink, type EditSummary, type RecordedEdit } from './edits.js';
 import { traceSession, tracing, type MilterEvent } from './trace.js';
@@ -502,9 +503,7 @@ export class TestSession {
         await run.abort();
         return refused('data', dataOut, dataReply);
       }
-      let hops = 0;
-      for (const h of got.headers) if (/^(received|delivered-to)$/i.test(h.name)) hops++;
-      if (hops > (this.options.maxHops ?? 50)) {
+      if (hopCount(got.headers) > (this.options.maxHops ?? 50)) {
         await run.abort();
         return gateway('data', REPLIES.tooManyHops);
       }
@@ -516,25 +515,7 @@ export class TestSession {
       let protocol = this.esmtp ? 'ESMTP' : 'SMTP';
       if (this.facts.tls) protocol += 'S';
       if (this.user) protocol += 'A';
-      const received: StoredHeader = formatHeader(
-        'Received',
-        receivedValue({
-          helo: this.facts.helo,
-          clientHostname: this.facts.client.hostname,
-          clientAddress: this.facts.client.address,
-          hostname: this.hostname,
-          protocol: utf8Protocol(protocol, run.sender),
-          queueId: run.queueId,
-          tls: this.facts.tls,
-          recipients: run.recipients.map((r) => r.address),
-        }),
-      );
-      state = new MessageState({
-        headers: [received, ...got.headers],
-        body: spoolBody(got.spool, got.bodyOffset),
-        sender: run.sender,
-        recipients: [...run.recipients],
-      });
+      state = contentState(got, run, this.facts, this.hostname, protocol);
       this.edits = new Map();
       const contentOut = await run.content(state);
       const editsByMilter = this.edits;
