@@ -21,13 +21,13 @@
  * the process if anything hangs. It does not tune the machine, pin CPUs, or run GC between
  * rounds; the spread is there to show how much that matters.
  */
-import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { performance, type EventLoopUtilization } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import type { OpenResult, RunResult } from './load.js';
 import { Load } from './load-client.js';
+import { fsType } from './proc.js';
 import { buildMessage, wireData } from './message.js';
 import { concat, intArg, percentile, spread, type Spread } from './stats.js';
 import { BASELINE, GATEWAY, TARGETS, startTarget, type Target, type TargetName } from './targets.js';
@@ -255,23 +255,6 @@ async function runPhase(load: Load, targets: Target[], size: number, messages: n
 
 // ---------------------------------------------------------------- facts about the machine
 
-/** The file system type holding `dir` (Linux /proc/mounts; `unknown` elsewhere). */
-function fsType(dir: string): string {
-  try {
-    const real = fs.realpathSync(dir);
-    let best = { mount: '', type: 'unknown' };
-    for (const line of fs.readFileSync('/proc/mounts', 'utf8').split('\n')) {
-      const [, mount, type] = line.split(' ');
-      if (!mount || !type) continue;
-      if ((real === mount || real.startsWith(mount.endsWith('/') ? mount : mount + '/')) && mount.length >= best.mount.length) {
-        best = { mount, type };
-      }
-    }
-    return best.type;
-  } catch {
-    return 'unknown';
-  }
-}
 
 const mb = (n: number): number => Math.round((n / 1024 / 1024) * 10) / 10;
 
