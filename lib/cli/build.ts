@@ -30,6 +30,8 @@ import { defaultResolver } from '../../milters/dns.js';
 import { importFresh } from './load.js';
 import { formatPath, type CheckedConfig, type ConfigProblem, type MilterConfig, type RouteConfig } from './schema.js';
 import { readTable } from './tables.js';
+import type { RedisClient } from '../store/redis.js';
+import { redisAnvil } from '../store/redis-anvil.js';
 
 export { pathsOf } from './paths.js';
 
@@ -53,6 +55,36 @@ export interface Reloadable {
 }
 
 type Problems = ConfigProblem[];
+
+/**
+ * The Redis clients the config names, one per URL for the life of the process (a reload
+ * reuses it, so counts and connections carry on). ioredis is imported only when a config
+ * names `redis`. Commands fail at once while Redis is away (no offline queue, no retries:
+ * each part's onStoreError decides), and the client keeps reconnecting every second.
+ */
+const redisClients = new Map<string, RedisClient>();
+
+/** The config's Redis client (made on first use); undefined without `redis`. With `connect: false` (check-config) it never connects. */
+export async function redisFor(config: CheckedConfig, options: { readonly connect?: boolean; readonly onError?: (err: Error) => void } = {}): Promise<RedisClient | undefined> {
+  const url = config.redis?.url;
+  if (!url) return undefined;
+  const key = `${options.connect === false ? 'lazy' : 'live'} ${url}`;
+  let client = redisClients.get(key);
+  if (!client) {
+    const { Redis } = await import('ioredis');
+    const c = new Redis(url, { lazyConnect: options.connect === false, enableOfflineQueue: false, maxRetriesPerRequest: 0, retryStrategy: () => 1000 });
+    c.on('error', (err: Error) => options.onError?.(err));
+    client = c;
+    redisClients.set(key, client);
+  }
+  return client;
+}
+
+/** Ends every Redis client made by {@link redisFor}. */
+export function closeRedisClients(): void {
+  for (const c of redisClients.values()) c.disconnect();
+  redisClients.clear();
+}
 const msg = (err: unknown): string => (err instanceof DovetailError || err instanceof Error ? err.message : String(err));
 
 /** The listeners as the gateway takes them (without milters: those come from buildReloadable). */
@@ -64,6 +96,9 @@ export function listenOptions(config: CheckedConfig): ListenOptions[] {
     ...(l.tls !== undefined ? { tls: l.tls } : {}),
     ...(l.submission !== undefined ? { submission: l.submission } : {}),
     ...(l.auth !== undefined ? { auth: l.auth } : {}),
+    ...(l.proxyProtocol !== undefined ? { proxyProtocol: l.proxyProtocol } : {}),
+    ...(l.xclient !== undefined ? { xclient: l.xclient } : {}),
+    ...(l.xforward !== undefined ? { xforward: l.xforward } : {}),
   }));
 }
 
@@ -76,7 +111,7 @@ async function mapOf(entry: { map?: Record<string, string | string[]> | undefine
 }
 
 /** One milter from its config form. */
-async function buildMilter(entry: MilterConfig, dir: string): Promise<Milter> {
+async function buildMilter(entry: MilterConfig, dir: string, redis: RedisClient | undefined): Promise<Milter> {
   if ('connect' in entry && typeof entry.connect === 'string') {
     const { connect, ...rest } = entry as { connect: string } & ConnectMilterOptions;
     return connectMilter(connect, rest);
@@ -135,6 +170,10 @@ async function buildMilter(entry: MilterConfig, dir: string): Promise<Milter> {
         return bundled.postmaster(o as never);
       case 'masquerade':
         return bundled.masquerade(o as never);
+      case 'rateLimit':
+      case 'greylist':
+        if (!redis) throw new Error(`${use} keeps its counts in Redis: set the top-level redis { url }`);
+        return use === 'rateLimit' ? bundled.rateLimit({ ...o, redis } as never) : bundled.greylist({ ...o, redis } as never);
       default:
         throw new Error(`no bundled milter ${JSON.stringify(use)}`);
     }
@@ -144,11 +183,11 @@ async function buildMilter(entry: MilterConfig, dir: string): Promise<Milter> {
   return entry as Milter;
 }
 
-async function buildChain(entries: readonly MilterConfig[], dir: string, at: PropertyKey[], problems: Problems): Promise<Milter[]> {
+async function buildChain(entries: readonly MilterConfig[], dir: string, at: PropertyKey[], problems: Problems, redis: RedisClient | undefined): Promise<Milter[]> {
   const out: Milter[] = [];
   for (const [i, entry] of entries.entries()) {
     try {
-      out.push(await buildMilter(entry, dir));
+      out.push(await buildMilter(entry, dir, redis));
     } catch (err) {
       problems.push({ path: formatPath([...at, i]), message: msg(err) });
     }
@@ -162,12 +201,12 @@ async function buildChain(entries: readonly MilterConfig[], dir: string, at: Pro
  *
  * @throws BuildError naming each part that could not be built.
  */
-export async function buildReloadable(config: CheckedConfig, dir: string): Promise<Reloadable> {
+export async function buildReloadable(config: CheckedConfig, dir: string, redis?: RedisClient): Promise<Reloadable> {
   const problems: Problems = [];
-  const milters = await buildChain(config.milters ?? [], dir, ['milters'], problems);
+  const milters = await buildChain(config.milters ?? [], dir, ['milters'], problems, redis);
   const listenerMilters: (Milter[] | undefined)[] = [];
   for (const [i, l] of (config.listen ?? []).entries()) {
-    listenerMilters.push(l.milters === undefined ? undefined : await buildChain(l.milters, dir, ['listen', i, 'milters'], problems));
+    listenerMilters.push(l.milters === undefined ? undefined : await buildChain(l.milters, dir, ['listen', i, 'milters'], problems, redis));
   }
   if (config.listen === undefined) listenerMilters.push(undefined);
   let tls: Reloadable['tls'];
@@ -315,11 +354,32 @@ export async function buildDelivery(
 }
 
 /** The gateway options that only a restart changes (limits and such), from the config. */
-export function staticGatewayOptions(config: CheckedConfig, dir: string): Omit<GatewayOptions, 'delivery'> {
-  const l = config.limits ?? {};
+export function staticGatewayOptions(config: CheckedConfig, dir: string, redis?: RedisClient): Omit<GatewayOptions, 'delivery'> {
+  const { clientLimits, ...l } = config.limits ?? {};
+  let limits: Pick<GatewayOptions, 'clientLimits' | 'anvil'> = {};
+  if (clientLimits !== undefined) {
+    if (clientLimits === false) limits = { clientLimits: false };
+    else {
+      const { store, lease, prefix, commandTimeout, onStoreError, ...counts } = clientLimits;
+      if (store === 'redis') {
+        if (!redis) throw new BuildError([{ path: 'limits.clientLimits.store', message: 'clientLimits in Redis: set the top-level redis { url }' }]);
+        limits = {
+          anvil: redisAnvil({
+            redis,
+            ...counts,
+            ...(lease !== undefined ? { lease } : {}),
+            ...(prefix !== undefined ? { prefix } : {}),
+            ...(commandTimeout !== undefined ? { commandTimeout } : {}),
+            ...(onStoreError !== undefined ? { onStoreError } : {}),
+          } as Parameters<typeof redisAnvil>[0]),
+        };
+      } else limits = { clientLimits: counts as GatewayOptions['clientLimits'] & object };
+    }
+  }
   return {
     ...(config.hostname !== undefined ? { hostname: config.hostname } : {}),
     ...(l as Omit<GatewayOptions, 'delivery'>),
+    ...limits,
     ...(config.banner !== undefined ? { banner: config.banner } : {}),
     ...(config.allowInsecureAuth !== undefined ? { allowInsecureAuth: config.allowInsecureAuth } : {}),
     ...(config.resolveClientNames !== undefined ? { resolveClientNames: config.resolveClientNames } : {}),

@@ -157,14 +157,19 @@ async function checkConfigCommand(args: readonly string[], io: Io): Promise<numb
   if (values['help']) return io.out(USAGE['check-config']), 0;
   if (positionals.length) throw new UsageError(`unexpected argument ${positionals[0]}\n\n${USAGE['check-config']}`);
   const loaded = await loadOrFail(values['config'] as string | undefined, io);
-  const { buildDelivery, buildReloadable, BuildError } = await import('./build.js');
-  // Build what can be built without starting anything: milters, files, routes.
+  const { buildDelivery, buildReloadable, staticGatewayOptions, redisFor, closeRedisClients, BuildError } = await import('./build.js');
+  // Build what can be built without starting anything: milters, files, routes (a Redis
+  // client is made but never connects).
   const problems = [];
   try {
-    await (await buildReloadable(loaded.config, loaded.dir)).close();
+    const redis = await redisFor(loaded.config, { connect: false });
+    staticGatewayOptions(loaded.config, loaded.dir, redis);
+    await (await buildReloadable(loaded.config, loaded.dir, redis)).close();
   } catch (err) {
     if (!(err instanceof BuildError)) throw err;
     problems.push(...err.problems);
+  } finally {
+    closeRedisClients();
   }
   try {
     const t = await buildDelivery(loaded.config, loaded.dir, loaded.config.delivery.store ? { host: '127.0.0.1', port: 24 } : undefined, loaded.config.hostname);

@@ -66,6 +66,15 @@ function forward(ctx: z.core.$RefinementCtx, issues: readonly z.core.$ZodIssue[]
 
 const mapOrFile = <T extends z.ZodRawShape>(shape: T) => z.strictObject({ ...shape, map: stringMap.optional(), file: str.optional() });
 
+/** messages and/or recipients per window (rateLimit). */
+const rateRule = z.strictObject({ messages: int(1).optional(), recipients: int(1).optional(), window: millis.optional() });
+/** What the Redis-backed parts take besides the client (lib/store/redis.ts). */
+const storeFields = {
+  prefix: str.optional(),
+  commandTimeout: millis.optional(),
+  onStoreError: z.enum(['open', 'closed'], { error: 'expected "open" or "closed"' }).optional(),
+};
+
 /** The bundled milters by name, each with its plain-data options (milters/index.ts). */
 export const bundledMilterSchemas = {
   sizeLimit: z.strictObject({ use: z.literal('sizeLimit'), maxBytes: int(1) }),
@@ -162,7 +171,35 @@ export const bundledMilterSchemas = {
   postmaster: z.strictObject({ use: z.literal('postmaster'), mailbox: str, domains: strings, names: strings.optional(), dsnArguments: bool.optional() }),
   masquerade: z.strictObject({ use: z.literal('masquerade'), domains: strings, exceptions: strings.optional(), envelopeSender: bool.optional(), headers: strings.optional() }),
   relocated: mapOrFile({ use: z.literal('relocated'), recipientDelimiter: z.string().optional(), code: z.union([z.literal(550), z.literal(551)], { error: 'expected 550 or 551' }).optional() }),
+  /** Counted in Redis (the top-level `redis`), shared by every node. */
+  rateLimit: z.strictObject({
+    use: z.literal('rateLimit'),
+    client: rateRule.optional(),
+    user: rateRule.optional(),
+    senderDomain: rateRule.optional(),
+    window: millis.optional(),
+    exempt: strings.optional(),
+    clientPrefix6: int(1, 128).optional(),
+    ...storeFields,
+  }),
+  /** Triplets in Redis (the top-level `redis`), so a retry through another node passes. */
+  greylist: z.strictObject({
+    use: z.literal('greylist'),
+    delay: millis.optional(),
+    retryWindow: millis.optional(),
+    maxAge: millis.optional(),
+    autoAllowAfter: int(0).optional(),
+    ipv4Prefix: int(1, 32).optional(),
+    ipv6Prefix: int(1, 128).optional(),
+    exempt: strings.optional(),
+    exemptAuthenticated: bool.optional(),
+    exemptRecipients: strings.optional(),
+    ...storeFields,
+  }),
 } as const;
+
+/** The bundled milters whose state is in Redis: they need the top-level `redis`. */
+export const REDIS_MILTERS: readonly string[] = ['rateLimit', 'greylist'];
 
 /** The names `{ "use": … }` takes. */
 export const BUNDLED_MILTERS = Object.keys(bundledMilterSchemas) as readonly (keyof typeof bundledMilterSchemas)[];
@@ -323,6 +360,9 @@ const listenerSchema = z.strictObject(
     submission: bool.optional(),
     auth: bool.optional(),
     milters: z.array(milterEntry, { error: 'expected a list of milters' }).optional(),
+    proxyProtocol: z.strictObject({ trusted: strings, timeout: millis.optional() }).optional(),
+    xclient: z.strictObject({ trusted: strings }).optional(),
+    xforward: z.strictObject({ trusted: strings }).optional(),
   },
   { error: 'expected a listener { host?, port, … }' },
 );
@@ -344,6 +384,11 @@ const limitsSchema = z.strictObject({
         userMessageRate: int(0).optional(),
         window: millis.optional(),
         exempt: strings.optional(),
+        /** `redis`: counted in the top-level `redis`, shared by every node (redisAnvil). Default `memory`. */
+        store: z.enum(['memory', 'redis'], { error: 'expected "memory" or "redis"' }).optional(),
+        /** With store redis: how long one connection counts at most, ms. */
+        lease: millis.optional(),
+        ...storeFields,
       }),
       z.literal(false),
     ])
@@ -409,6 +454,8 @@ export const configSchema = z.strictObject(
     quarantine: z.union([str, z.strictObject({ maildir: str })], { error: 'expected a Maildir directory or { maildir: dir }' }).optional(),
     authenticate: authenticateSchema.optional(),
     control: z.strictObject({ socket: str }).optional(),
+    /** The Redis server shared by rateLimit, greylist and clientLimits { store: 'redis' }: ioredis's URL form. */
+    redis: z.strictObject({ url: z.string().regex(/^rediss?:\/\//, { error: 'expected a redis:// or rediss:// URL' }) }).optional(),
     log: z.strictObject({ level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).optional(), file: str.optional() }).optional(),
     metrics: z.strictObject({ listen: z.union([socketSpec, port], { error: 'expected "host:port" or a port' }) }).optional(),
   },
@@ -424,6 +471,16 @@ export const configSchema = z.strictObject(
       ctx.addIssue({ code: 'custom', params: NO_GOT, message: 'routes to the embedded store, but delivery.store is not set', path: ['delivery', 'routes', domain, 'store'] });
     }
   }
+  const redisNeeded = (entries: readonly unknown[] | undefined, at: PropertyKey[]): void => {
+    for (const [i, m] of (entries ?? []).entries()) {
+      const use = typeof m === 'object' && m !== null && 'use' in m ? (m as { use: unknown }).use : undefined;
+      if (typeof use === 'string' && REDIS_MILTERS.includes(use) && !c.redis) ctx.addIssue({ code: 'custom', params: NO_GOT, message: `${use} keeps its counts in Redis: set the top-level redis { url }`, path: [...at, i, 'use'] });
+    }
+  };
+  redisNeeded(c.milters, ['milters']);
+  for (const [i, l] of (c.listen ?? []).entries()) redisNeeded(l.milters, ['listen', i, 'milters']);
+  const cl = c.limits?.clientLimits;
+  if (cl && cl.store === 'redis' && !c.redis) ctx.addIssue({ code: 'custom', params: NO_GOT, message: 'clientLimits in Redis: set the top-level redis { url }', path: ['limits', 'clientLimits', 'store'] });
   for (const [i, l] of (c.listen ?? []).entries()) {
     if ((l.tls === 'starttls' || l.tls === 'implicit') && !c.tls) ctx.addIssue({ code: 'custom', params: NO_GOT, message: `tls "${l.tls}" needs the top-level tls { key, cert }`, path: ['listen', i, 'tls'] });
     if (l.submission && !c.authenticate) ctx.addIssue({ code: 'custom', params: NO_GOT, message: 'a submission listener needs authenticate', path: ['listen', i, 'submission'] });
@@ -474,6 +531,12 @@ export interface ListenerConfig {
   readonly auth?: boolean;
   /** This listener's own chain. Default: `milters`. */
   readonly milters?: readonly MilterConfig[];
+  /** PROXY protocol v1/v2 (HAProxy send-proxy) from these networks only (docs/deployment.md). */
+  readonly proxyProtocol?: { readonly trusted: readonly string[]; readonly timeout?: number };
+  /** XCLIENT from these networks (Postfix smtpd_authorized_xclient_hosts). */
+  readonly xclient?: { readonly trusted: readonly string[] };
+  /** XFORWARD from these networks (Postfix smtpd_authorized_xforward_hosts). */
+  readonly xforward?: { readonly trusted: readonly string[] };
 }
 
 /** The gateway's limits (GatewayOptions of the same names; see docs/configuration.md). */
@@ -533,6 +596,8 @@ export interface DovetailConfig {
   readonly authenticate?: AuthenticateConfig;
   /** The control socket `dovetail queue` talks to. Default `<queue.dir>/control.sock`. */
   readonly control?: { readonly socket: string };
+  /** The Redis server of rateLimit, greylist and clientLimits { store: 'redis' } (`redis://host:6379/0`). */
+  readonly redis?: { readonly url: string };
   /** Logs: pino JSON lines to stdout, or to `file`. Default level `info`. */
   readonly log?: { readonly level?: 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'; readonly file?: string };
   /** Prometheus metrics at GET /metrics on `listen` (`"127.0.0.1:9464"`). Off by default. */

@@ -28,7 +28,7 @@ import { maildir } from '../delivery/maildir.js';
 import type { Transport } from '../delivery/types.js';
 import { parseSocketSpec } from '../milter/protocol/socket.js';
 import { enableMetrics, serveMetrics, type Metrics, type MetricsServer } from '../observe/index.js';
-import { buildDelivery, buildReloadable, listenOptions, pathsOf, staticGatewayOptions, BuildError, type Reloadable, type StoreAddress } from './build.js';
+import { buildDelivery, buildReloadable, closeRedisClients, listenOptions, pathsOf, redisFor, staticGatewayOptions, BuildError, type Reloadable, type StoreAddress } from './build.js';
 import { serveControl, type ControlServer } from './control.js';
 import { AggregatorRegistry, Registry } from 'prom-client';
 import { startWorkerPool, type WorkerChannel, type WorkerPool } from '../cluster.js';
@@ -190,7 +190,10 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
     for (const f of cleanup.reverse()) await f().catch(() => undefined);
   };
   try {
-    let current: Reloadable = await buildReloadable(config, dir);
+    // One Redis client for the process (rateLimit, greylist, clientLimits in Redis), reused by reloads.
+    const redis = await redisFor(config, { onError: (err) => logger.warn({ event: 'redis-error', err: err.message }, `redis: ${err.message}`) });
+    if (redis) cleanup.push(async () => closeRedisClients());
+    let current: Reloadable = await buildReloadable(config, dir, redis);
     cleanup.push(() => current.close());
     const q = config.queue ?? {};
     await mkdir(paths.queueDir, { recursive: true, mode: 0o700 });
@@ -216,7 +219,7 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
     });
     let pool: WorkerPool | undefined;
     const gateway = primary ? undefined : createGateway({
-      ...staticGatewayOptions(config, dir),
+      ...staticGatewayOptions(config, dir, redis),
       listen,
       milters: current.milters,
       delivery: delivery.transport,
@@ -281,7 +284,7 @@ export async function startServer(config: CheckedConfig, options: StartOptions):
         const needRestart = Object.keys({ ...wanted, ...running }).filter((k) => wanted[k] !== running[k]);
         let fresh: Reloadable;
         try {
-          fresh = await buildReloadable(next, dir);
+          fresh = await buildReloadable(next, dir, redis);
         } catch (err) {
           if (err instanceof BuildError) return { applied: false, problems: err.problems, needRestart };
           throw err;
