@@ -110,7 +110,7 @@ test('check-config: a JSON config with several kinds of errors names every field
       'listen[2].tls: expected "starttls", "implicit" or "none", got "sometimes"',
       'listen[3].hots: unknown field',
       'milters[0].maxBytes: expected an integer >= 1 (missing)',
-      'milters[1].use: expected one of sizeLimit, relayControl, dnsbl, mailAuth, spamTag, dkimSign, aliases, virtual, senderLogin, postmaster, masquerade, relocated, got "antivirus"',
+      'milters[1].use: expected one of sizeLimit, relayControl, dnsbl, mailAuth, spamTag, dkimSign, aliases, virtual, senderLogin, postmaster, masquerade, relocated, rateLimit, greylist, got "antivirus"',
       'milters[2].connect: expected a socket address ("host:port", "inet:host:port" or "unix:/path"), got "nowhere"',
       'milters[3].localDomains: expected a list of strings, got "example.test"',
       'milters[4]: expected a milter',

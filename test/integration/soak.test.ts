@@ -49,8 +49,15 @@ const MAX_MESSAGE = 150 * 1024;
  * over 20 connections as after 50,000 over 200; a leak grows with the traffic.
  */
 const FD_SLACK = 8;
-/** RSS growth allowed: native memory (socket buffers, malloc arenas) keeps its high-water mark, which grows with the connections. */
-const RSS_BOUND_MB = LONG ? 200 : 100;
+/**
+ * RSS growth allowed: native memory (socket buffers, malloc arenas, V8's reserved pages)
+ * keeps its high-water mark, which grows with the connections, not with the messages. On
+ * Node 20 and 22 the short run grows ~55-65 MB; Node 24 keeps more: 152 MB on the code
+ * before the operations work and 182 MB after, 188 MB for 6,000 messages instead of 2,000
+ * (measured with DOVETAIL_SOAK_MESSAGES): a plateau, not a leak. The bound is the same
+ * for the short and the long run, above that plateau; the heap bound below is the leak check.
+ */
+const RSS_BOUND_MB = 240;
 /** JS heap growth allowed after a full GC (checked only when one can be had): the real leak check. */
 const HEAP_BOUND_MB = 32;
 
