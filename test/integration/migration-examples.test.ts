@@ -6,7 +6,9 @@
  * operator's own secret files (TLS key and certificate, DKIM key) are next to it, and names
  * only those as missing without them; `dovetail start` runs it (ports and spool directories
  * moved to a temp dir) and its listeners behave as the page says; the Haraka page's plugin
- * rewritten as a milter refuses and stamps as the page says.
+ * rewritten as a milter refuses and stamps as the page says. Every JSON snippet in the pages'
+ * prose and tables (`{ "use": "dnsbl", … }`, `"clientLimits": { … }`) is accepted by the
+ * config schema in the place it belongs, so a misspelt field name fails here.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -15,6 +17,7 @@ import { cp, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/pr
 import os from 'node:os';
 import path from 'node:path';
 import { importFresh } from '../../lib/cli/load.js';
+import { bundledMilterSchemas, checkConfig } from '../../lib/cli/schema.js';
 import type { Milter } from '../../lib/index.js';
 import { runMilter } from '../../lib/testing/index.js';
 import { REPO, runCli, startCli } from '../helpers/cli.js';
@@ -192,4 +195,62 @@ test('from-haraka: block-senders.mjs, loaded as the config loads it, refuses blo
 
   const bounce = await runMilter(milter, { from: '', to: 'alice@example.com', message: 'Subject: x\r\n\r\nbody\r\n' });
   assert.equal(bounce.verdict.type, 'continue', 'the null sender is never refused');
+});
+
+/**
+ * The places an inline snippet of the pages may belong in a config: a milter entry, a
+ * listener, a route, a milter's or a listener's options, a part of `limits`, `queue` or
+ * `delivery`, or top-level fields. A snippet passes when one of them passes the schema.
+ */
+function placements(v: Json): unknown[] {
+  const base = { delivery: { maildir: '/srv/mail' } };
+  const needs: Record<string, Json> = {
+    dkimSign: { keys: [{ domain: 'example.com', selector: 's', privateKey: './k.pem' }] },
+    aliases: { domains: ['example.com'] },
+    postmaster: { mailbox: 'admin@example.com', domains: ['example.com'] },
+    masquerade: { domains: ['example.com'] },
+    sizeLimit: { maxBytes: 1000 },
+  };
+  const auth = { tls: { key: 'k', cert: 'c' }, authenticate: { dovecot: '/run/dovecot/auth-client' } };
+  if ('use' in v || 'connect' in v || 'module' in v) return [{ ...base, milters: [v] }];
+  if ('port' in v) return [{ ...base, ...auth, listen: [v] }];
+  return [
+    { ...base, ...v },
+    { ...base, limits: v },
+    { ...base, limits: { clientLimits: v } },
+    { ...base, limits: { errorLimits: v } },
+    { ...base, queue: v },
+    { ...base, queue: { backoff: v } },
+    { delivery: { maildir: '/srv/mail', ...v } },
+    { delivery: v },
+    { delivery: { routes: v } },
+    { delivery: { routes: { 'example.com': v } } },
+    { delivery: { routes: { '*': { smtp: v } } } },
+    { ...base, ...auth, listen: [{ port: 25, ...v }] },
+    { ...base, milters: [{ use: 'dnsbl', rhsbl: [{ zone: 'dbl.example', target: 'sender', ...v }] }] },
+    ...Object.keys(bundledMilterSchemas).map((use) => ({ ...base, milters: [{ use, ...needs[use], ...v }] })),
+  ];
+}
+
+test('every JSON snippet in the migration pages is a valid piece of a config', async () => {
+  for (const doc of EXAMPLES.map((e) => e.doc)) {
+    const prose = (await readFile(path.join(REPO, doc), 'utf8')).replace(/```[\s\S]*?```/g, '');
+    let checked = 0;
+    for (const [, code] of prose.matchAll(/`([^`]+)`/g)) {
+      if (!/^[{"]/.test(code!)) continue;
+      let value: unknown;
+      try {
+        value = JSON.parse(code!.startsWith('{') ? code! : `{${code!}}`);
+      } catch {
+        continue; // not JSON (a TS call, a Haraka setting): nothing to check
+      }
+      checked++;
+      const tries = placements(value as Json);
+      assert.ok(
+        tries.some((t) => checkConfig(t).problems.length === 0),
+        `${doc}: \`${code}\` fits nowhere in a config: ${JSON.stringify(checkConfig(tries[0]).problems)}`,
+      );
+    }
+    assert.ok(checked >= 30, `${doc}: only ${checked} JSON snippets found`);
+  }
 });
