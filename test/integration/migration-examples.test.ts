@@ -203,7 +203,8 @@ test('from-haraka: block-senders.mjs, loaded as the config loads it, refuses blo
  * `delivery`, or top-level fields. A snippet passes when one of them passes the schema.
  */
 function placements(v: Json): unknown[] {
-  const base = { delivery: { maildir: '/srv/mail' } };
+  // A Redis server configured, for the snippets of rateLimit, greylist and clientLimits in Redis.
+  const base = { delivery: { maildir: '/srv/mail' }, redis: { url: 'redis://127.0.0.1:6379/0' } };
   const needs: Record<string, Json> = {
     dkimSign: { keys: [{ domain: 'example.com', selector: 's', privateKey: './k.pem' }] },
     aliases: { domains: ['example.com'] },
