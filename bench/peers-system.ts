@@ -19,8 +19,9 @@
  * - `dovetail+quickstart-workers`: the quick start's chain as `dovetail+quickstart`, run as
  *   one worker per core (startWorkerPool, node:cluster: the workers share the port; this
  *   process is the primary). `--workers N` sets how many (default: the CPU count).
- * - `milter`: serveMilter() of a filter that continues at RCPT and adds one header at eom
- *   (the same callbacks as the libmilter one, test/fixtures/libmilter/reference.py minimal).
+ * - `milter`: serveMilter() of a filter that continues at RCPT and adds one header at eom,
+ *   declaring that its eom reads neither headers nor body (`needs`), so Postfix sends
+ *   neither: the same callbacks and negotiation as the libmilter one.
  *
  * Every gateway runs with `resolveClientNames: false` (no PTR lookups on loopback), as
  * Postfix with `smtpd_peername_lookup = no`; `--large` turns off the per-client
@@ -151,6 +152,9 @@ async function main(): Promise<void> {
   } else if (kind === 'milter') {
     const filter = defineMilter({
       name: 'bench-add-header',
+      // Its eom reads neither headers nor body: Postfix is asked not to send them, as the
+      // libmilter filter opts out of them (SMFIP_NOHDRS / SMFIP_NOBODY).
+      needs: { headers: false, body: false },
       async rcpt() {},
       async eom(ctx) {
         ctx.message.addHeader('X-Bench', 'yes');
