@@ -15,6 +15,7 @@
 import * as z from 'zod';
 import type { Milter } from '../milter/types.js';
 import type { Transport } from '../delivery/types.js';
+import type { ListenOptions } from '../smtp/options.js';
 import type { AuthRequest } from '../auth/types.js';
 
 // ---- small pieces ---------------------------------------------------------------------------
@@ -515,28 +516,13 @@ export type AuthenticateConfig =
   | { readonly dovecot: string; readonly service?: string; readonly timeout?: number; readonly maxConnections?: number }
   | ((request: AuthRequest) => Promise<boolean>);
 
-/** One listening socket and its profile (a master.cf line). */
-export interface ListenerConfig {
-  /** Default 127.0.0.1. */
-  readonly host?: string;
-  /** 0 picks a free port (printed at start). */
-  readonly port: number;
-  /** `{daemon_name}`. Default `dovetail`. */
-  readonly name?: string;
-  /** Default `starttls` when `tls` is set. */
-  readonly tls?: 'starttls' | 'implicit' | 'none';
-  /** Submission (RFC 6409): AUTH required, after TLS. Needs `authenticate`. */
-  readonly submission?: boolean;
-  /** Offer AUTH here (when `authenticate` is set). Default true. */
-  readonly auth?: boolean;
+/**
+ * One listening socket and its profile (a master.cf line): the gateway's ListenOptions,
+ * with the chain given in config form.
+ */
+export interface ListenerConfig extends Omit<ListenOptions, 'milters'> {
   /** This listener's own chain. Default: `milters`. */
   readonly milters?: readonly MilterConfig[];
-  /** PROXY protocol v1/v2 (HAProxy send-proxy) from these networks only (docs/deployment.md). */
-  readonly proxyProtocol?: { readonly trusted: readonly string[]; readonly timeout?: number };
-  /** XCLIENT from these networks (Postfix smtpd_authorized_xclient_hosts). */
-  readonly xclient?: { readonly trusted: readonly string[] };
-  /** XFORWARD from these networks (Postfix smtpd_authorized_xforward_hosts). */
-  readonly xforward?: { readonly trusted: readonly string[] };
 }
 
 /** The gateway's limits (GatewayOptions of the same names; see docs/configuration.md). */
