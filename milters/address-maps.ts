@@ -180,6 +180,19 @@ export function inheritedArgs(original: EnvelopeAddress): string {
 }
 
 /**
+ * Expands `address`; an expansion past the limits is the `451 4.6.0` tempfail verdict (the
+ * caller returns it), and anything else thrown is a bug and goes on.
+ */
+export function expandOrTempfail(expand: (address: string) => string[], address: string): string[] | ReturnType<typeof tempfail> {
+  try {
+    return expand(address);
+  } catch (err) {
+    if (err instanceof ExpansionError) return tempfail(451, '4.6.0', EXPANSION_ERROR_TEXT);
+    throw err;
+  }
+}
+
+/**
  * Replaces every recipient of the message that `expand` maps elsewhere by its expansion
  * (at eom): removes it (unless it expands to itself among others), adds each new address with
  * the original's DSN arguments (when `dsn`). Returns a 451 4.6.0 tempfail verdict when an
@@ -188,13 +201,8 @@ export function inheritedArgs(original: EnvelopeAddress): string {
 export function rewriteRecipients(ctx: EomContext, expand: (address: string) => string[], dsn: boolean) {
   const plan: { readonly original: EnvelopeAddress; readonly to: readonly string[] }[] = [];
   for (const r of ctx.envelope.recipients) {
-    let to: string[];
-    try {
-      to = expand(r.address);
-    } catch (err) {
-      if (err instanceof ExpansionError) return tempfail(451, '4.6.0', EXPANSION_ERROR_TEXT);
-      throw err;
-    }
+    const to = expandOrTempfail(expand, r.address);
+    if (!Array.isArray(to)) return to;
     if (to.length === 1 && to[0]?.toLowerCase() === r.address.toLowerCase()) continue;
     plan.push({ original: r, to });
   }

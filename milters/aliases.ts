@@ -24,14 +24,13 @@
  * lists (refused when the table is loaded), honour `owner-` aliases, or read `.forward`.
  */
 import { readFileSync } from 'node:fs';
-import { canonicalDomain, defineMilter, domainSet, tempfail, type EnvelopeAddress, type EomContext, type MessageContext, type Milter } from '../lib/index.js';
+import { canonicalDomain, defineMilter, domainSet, type EnvelopeAddress, type EomContext, type MessageContext, type Milter } from '../lib/index.js';
 import {
   AliasSyntaxError,
-  EXPANSION_ERROR_TEXT,
-  ExpansionError,
   delimiterFrom,
   dsnFrom,
   expandAddress,
+  expandOrTempfail,
   invalidOptions,
   limitsFrom,
   parseAliases,
@@ -197,13 +196,8 @@ export function aliases(options: AliasesOptions): AliasesMilter {
     name: 'aliases',
     async rcpt(_ctx: MessageContext, rcpt: EnvelopeAddress) {
       if (lookup(rcpt.address) === undefined) return undefined;
-      try {
-        expand(rcpt.address);
-      } catch (err) {
-        if (err instanceof ExpansionError) return tempfail(451, '4.6.0', EXPANSION_ERROR_TEXT);
-        throw err;
-      }
-      return undefined;
+      const expanded = expandOrTempfail(expand, rcpt.address);
+      return Array.isArray(expanded) ? undefined : expanded;
     },
     async eom(ctx: EomContext) {
       return rewriteRecipients(ctx, expand, dsn);

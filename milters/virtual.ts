@@ -25,14 +25,13 @@
  * domains), rewrite headers (that is canonical(5), not virtual(5)), or read Postfix's
  * `postmap` files.
  */
-import { canonicalDomain, defineMilter, domainSet, reject, tempfail, type EnvelopeAddress, type EomContext, type MessageContext, type Milter } from '../lib/index.js';
+import { canonicalDomain, defineMilter, domainSet, reject, type EnvelopeAddress, type EomContext, type MessageContext, type Milter } from '../lib/index.js';
 import {
-  EXPANSION_ERROR_TEXT,
-  ExpansionError,
   addressKey,
   delimiterFrom,
   dsnFrom,
   expandAddress,
+  expandOrTempfail,
   invalidOptions,
   limitsFrom,
   rewriteRecipients,
@@ -194,13 +193,8 @@ export function virtual(options: VirtualOptions): VirtualMilter {
         }
         return undefined;
       }
-      try {
-        expand(rcpt.address);
-      } catch (err) {
-        if (err instanceof ExpansionError) return tempfail(451, '4.6.0', EXPANSION_ERROR_TEXT);
-        throw err;
-      }
-      return undefined;
+      const expanded = expandOrTempfail(expand, rcpt.address);
+      return Array.isArray(expanded) ? undefined : expanded;
     },
     async eom(ctx: EomContext) {
       return rewriteRecipients(ctx, expand, dsn);
